@@ -1,0 +1,7 @@
+"""User-facing errors: one line that names the problem and the fix; the CLI exits with code 2."""
+
+
+class DLMError(Exception):
+    """An error caused by user input (bad file, bad flag, bad checkpoint). Printed without traceback."""
+
+    exit_code = 2
