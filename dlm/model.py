@@ -1,0 +1,428 @@
+"""The dlm transformer backbone, as a Hugging Face `PreTrainedModel`.
+
+One network serves every objective (MDLM, RADD, AR, and the block models): a pre-norm
+Llama-style decoder stack (RMSNorm, rotary positions, SwiGLU, no biases) whose attention takes
+any mask through PyTorch SDPA: bidirectional (no mask), causal (`is_causal=True`), or an
+arbitrary boolean mask (True = may attend). Parameter names follow `LlamaModel` on purpose, so
+the AR baseline exports to a stock `LlamaForCausalLM` by renaming keys (see `dlm/export.py`).
+
+Optional time conditioning (MDLM's DiT-style adaLN): a sinusoidal embedding of the noise level
+sigma modulates each block's norms. It is off by default, as in the MDLM reference, and RADD
+never uses it (its network is time-independent by construction).
+
+    from dlm.model import DLMConfig, DLMModel
+    model = DLMModel(DLMConfig.from_preset("tiny", vocab_size=4096))
+    logits = model(input_ids).logits            # bidirectional
+    logits = model(input_ids, is_causal=True).logits
+
+Saving / loading is plain HF: `model.save_pretrained(dir)` writes safetensors and
+`AutoModel.from_pretrained(dir)` works once `dlm.model` is imported (it registers the classes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from dlm.errors import DLMError
+
+# Named sizes: (hidden, layers, heads). "debug" trains in seconds on a CPU; "gpt2-small" is the
+# 12 x 768 scale of the papers' tables. The one dial is the name; everything else follows.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "debug": (64, 2, 2),
+    "tiny": (128, 4, 4),
+    "small": (256, 6, 4),
+    "medium": (512, 8, 8),
+    "gpt2-small": (768, 12, 12),
+}
+
+OBJECTIVES = ("mdlm", "radd", "ar", "bd3lm", "e2d2")
+
+
+class DLMConfig(PretrainedConfig):
+    """Configuration of the dlm backbone. Field names match `LlamaConfig` where they overlap."""
+
+    model_type = "dlm"
+
+    def __init__(
+        self,
+        vocab_size: int = 4096,
+        hidden_size: int = 128,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        intermediate_size: Optional[int] = None,
+        max_position_embeddings: int = 1024,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        objective: str = "mdlm",
+        time_conditioning: bool = False,
+        cond_dim: int = 128,
+        block_size: Optional[int] = None,
+        mask_token_id: Optional[int] = None,
+        bos_token_id: Optional[int] = None,
+        eos_token_id: Optional[int] = None,
+        pad_token_id: Optional[int] = None,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        # SwiGLU width ~ 8/3 * d (LLaMA), rounded to a multiple of 64 for matmul efficiency.
+        self.intermediate_size = intermediate_size or 64 * math.ceil(8 * hidden_size / 3 / 64)
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.objective = objective
+        self.time_conditioning = time_conditioning
+        self.cond_dim = cond_dim
+        self.block_size = block_size
+        self.mask_token_id = mask_token_id
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate()
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise DLMError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise DLMError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}; pick sizes where it is"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise DLMError("the head dimension must be even for rotary embeddings; change hidden_size or heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DLMConfig":
+        if name not in PRESETS:
+            raise DLMError(f"unknown model size {name!r}; choose one of {', '.join(PRESETS)}")
+        d, n_layers, n_heads = PRESETS[name]
+        kwargs = dict(hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=n_heads)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+@dataclass
+class DLMOutput(ModelOutput):
+    logits: torch.Tensor = None
+    hidden_states: Optional[torch.Tensor] = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 for bf16 stability, as LLaMA does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for `position_ids` (B, L) -> (B, 1, L, head_dim), Llama's half-split layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, L, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Per-layer key/value store used by samplers and the decoder.
+
+    `update(layer, k, v)` returns the keys/values to attend over. In append mode (the default)
+    new entries are concatenated after the stored ones and kept; with `commit=False` they are
+    used for this call only (a diffusion step that must not persist its noisy block).
+    """
+
+    def __init__(self, num_layers: int):
+        self.k: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.v: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.commit = True
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[layer] is not None:
+            k_all = torch.cat([self.k[layer], k], dim=2)
+            v_all = torch.cat([self.v[layer], v], dim=2)
+        else:
+            k_all, v_all = k, v
+        if self.commit:
+            self.k[layer], self.v[layer] = k_all, v_all
+        return k_all, v_all
+
+    def crop(self, length: int) -> None:
+        for i in range(len(self.k)):
+            if self.k[i] is not None:
+                self.k[i] = self.k[i][:, :, :length]
+                self.v[i] = self.v[i][:, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DLMConfig, layer_idx: int):
+        super().__init__()
+        d, self.n_heads, self.head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.o_proj._dlm_residual = True
+
+    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cache: Optional[KVCache] = None):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DLMConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.down_proj._dlm_residual = True
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: DLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        # adaLN (DiT / MDLM): shift, scale, gate for each sub-layer, zero-initialised so a
+        # time-conditioned model starts identical to an unconditioned one.
+        self.adaLN = nn.Linear(config.cond_dim, 6 * config.hidden_size) if config.time_conditioning else None
+        if self.adaLN is not None:
+            self.adaLN._dlm_zero_init = True
+
+    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cond=None, cache=None):
+        if self.adaLN is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(cond)[:, None].chunk(6, dim=-1)
+        h = self.input_layernorm(x) * (1 + sc1) + sh1
+        x = x + (1 + g1) * self.self_attn(h, cos, sin, attn_mask, is_causal, cache)
+        h = self.post_attention_layernorm(x) * (1 + sc2) + sh2
+        return x + (1 + g2) * self.mlp(h)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of the noise level sigma, then an MLP (DiT)."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device).float() / half)
+        args = sigma.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return F.silu(self.mlp(emb.to(self.mlp[0].weight.dtype)))
+
+
+class DLMPreTrainedModel(PreTrainedModel):
+    config_class = DLMConfig
+    base_model_prefix = "dlm"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Per-module rules keyed on tags set in the constructors: transformers may visit modules
+        # in any order, so a parent must not rely on initialising its children.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "_dlm_zero_init", False):
+                nn.init.zeros_(module.weight)
+            elif getattr(module, "_dlm_residual", False):
+                # GPT-2 style: residual output projections scaled by depth keep activations O(1).
+                nn.init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class DLMModel(DLMPreTrainedModel):
+    """Token ids in, logits out. Masks and positions are the caller's choice (the objective's)."""
+
+    def __init__(self, config: DLMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.time_conditioning:
+            self.time_embed = TimestepEmbedder(config.cond_dim)
+            self.final_adaLN = nn.Linear(config.cond_dim, 2 * config.hidden_size)
+            self.final_adaLN._dlm_zero_init = True
+        else:
+            self.time_embed = None
+            self.final_adaLN = None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        sigma: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        return_hidden: bool = False,
+        output_positions: Optional[torch.Tensor] = None,
+    ) -> DLMOutput:
+        """
+        input_ids: (B, L). attention_mask: optional (B, Lk) padding mask, 1 = real token; it is
+        folded into `attn_mask`. position_ids: (B, L) or (L,), default offset by the cache length.
+        attn_mask: optional boolean (Lq, Lk) or (B, 1, Lq, Lk), True = may attend.
+        is_causal: causal attention (ignored when an explicit mask is given: put causality in it).
+        sigma: (B,) noise level, required iff config.time_conditioning.
+        output_positions: optional boolean (B, L); logits are computed only there and returned
+        flattened as (N, V). Losses use it to skip the LM head where nothing is scored.
+        """
+        B, L = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            # Checked here only (explicit positions are the caller's business: no device sync).
+            if past + L > self.config.max_position_embeddings:
+                raise DLMError(
+                    f"sequence of {past + L} tokens exceeds the model's maximum of "
+                    f"{self.config.max_position_embeddings} positions; use shorter sequences"
+                )
+            position_ids = torch.arange(past, past + L, device=input_ids.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(B, -1)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_ok = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
+            if attn_mask is None and is_causal:
+                Lk = key_ok.shape[-1]
+                attn_mask = torch.ones(L, Lk, dtype=torch.bool, device=input_ids.device).tril(Lk - L)
+            attn_mask = key_ok if attn_mask is None else (attn_mask & key_ok)
+            # A query whose keys are all masked (a pad row under a causal mask) would give NaN;
+            # let it see itself. Its output is never scored.
+            if L == attn_mask.shape[-1]:
+                attn_mask = attn_mask | torch.eye(L, dtype=torch.bool, device=input_ids.device)
+        if attn_mask is not None:
+            is_causal = False
+        if cache is not None and past > 0 and is_causal and L > 1:
+            # SDPA's is_causal aligns to the top-left; with a cache the queries sit at the end.
+            attn_mask = torch.ones(L, past + L, dtype=torch.bool, device=input_ids.device).tril(past)
+            is_causal = False
+        elif cache is not None and past > 0 and is_causal:
+            is_causal = False  # one query at the end attends to everything before it
+
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cond = None
+        if self.time_embed is not None:
+            if sigma is None:
+                raise ValueError("this model is time-conditioned: pass sigma")
+            cond = self.time_embed(sigma.reshape(-1).expand(B) if sigma.numel() == 1 else sigma)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, is_causal, cond, cache)
+        x = self.norm(x)
+        if self.final_adaLN is not None:
+            shift, scale = self.final_adaLN(cond)[:, None].chunk(2, dim=-1)
+            x = x * (1 + scale) + shift
+        if output_positions is not None:
+            x = x[output_positions]
+        logits = self.lm_head(x)
+        return DLMOutput(logits=logits, hidden_states=x if return_hidden else None)
+
+
+AutoConfig.register("dlm", DLMConfig)
+AutoModel.register(DLMConfig, DLMModel)
+
+
+def load_model(path: str, expect_objective: Optional[str] = None, **kwargs) -> DLMModel:
+    """Load a dlm checkpoint directory with clear errors for the usual mistakes."""
+    import json
+    import os
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise DLMError(f"model directory {path} does not exist; pass a directory written by `dlm train`")
+    if not os.path.isfile(cfg_path):
+        raise DLMError(f"{path} has no config.json; it is not a saved dlm model (train one with `dlm train`)")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DLMError(f"{cfg_path} is corrupt ({e}); re-export the model") from None
+    if raw.get("model_type") != "dlm":
+        raise DLMError(
+            f"{path} holds a {raw.get('model_type')!r} model, not a dlm model; "
+            "pass a directory written by `dlm train` (or `dlm export` for the reverse direction)"
+        )
+    if expect_objective and raw.get("objective") != expect_objective:
+        raise DLMError(
+            f"{path} was trained with objective {raw.get('objective')!r}, expected {expect_objective!r}"
+        )
+    try:
+        return DLMModel.from_pretrained(path, **kwargs)
+    except DLMError:
+        raise
+    except Exception as e:  # safetensors / torch errors on truncated files
+        raise DLMError(f"could not load weights from {path}: {type(e).__name__}: {e}; the checkpoint is "
+                       "corrupt or incomplete, re-export it or use an earlier one") from None

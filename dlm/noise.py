@@ -1,0 +1,91 @@
+"""Noise schedules and the absorbing (masking) forward process shared by every objective.
+
+Notation follows ../shared/REFERENCE.md section 1: alpha(t) is the probability that a token is
+still clean at time t in [0, 1]; the forward process replaces each token by [MASK] independently
+with probability 1 - alpha(t) (MDLM, Sahoo et al. 2024, eq. 2).
+
+All randomness is drawn by the caller into explicit tensors (`t`, per-token uniforms `u`), so a
+batch's noise is a pure function of the generator state. The trainer draws noise for the whole
+*global* batch from a generator seeded by (seed, step) and every rank slices its rows: that is
+what makes a 2-process run match a 1-process run and `--resume` continue exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class LogLinearSchedule:
+    """alpha(t) = 1 - (1 - eps) t (MDLM's log-linear schedule; sigma(t) = -log alpha(t))."""
+
+    def __init__(self, eps: float = 1e-3):
+        self.eps = eps
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1 - (1 - self.eps) * t
+
+    def dalpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(t, -(1 - self.eps))
+
+    def move_prob(self, t: torch.Tensor) -> torch.Tensor:
+        """Probability that a token is masked at time t: 1 - alpha(t)."""
+        return (1 - self.eps) * t
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """-alpha'(t) / (1 - alpha(t)): the NELBO weight of a masked token (= 1/t here).
+
+        MDLM eq. 10: NELBO = E_t [ alpha'(t) / (1 - alpha(t)) * sum_{i masked} log p(x0_i | x_t) ].
+        """
+        return -self.dalpha(t) / self.move_prob(t)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Total noise -log alpha(t), the time-conditioning input of the network."""
+        return -torch.log(self.alpha(t))
+
+
+def low_discrepancy_times(
+    n: int, generator: Optional[torch.Generator] = None, lo: float = 0.0, hi: float = 1.0
+) -> torch.Tensor:
+    """Stratified times t_i = lo + (hi - lo) * ((u + i/n) mod 1), one shared u (MDLM sec. 3.5).
+
+    Every stratum of [lo, hi] gets exactly one sample, which lowers the variance of the batch
+    loss compared with i.i.d. times. The affine map (rather than clipping) avoids a point mass at
+    the interval's end.
+    """
+    u = torch.rand(1, generator=generator, dtype=torch.float64)
+    t = (u + torch.arange(n, dtype=torch.float64) / n) % 1.0
+    return (lo + (hi - lo) * t).float()
+
+
+def mask_tokens(x0: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """x_t: replace the positions selected by `masked` with the mask id."""
+    return torch.where(masked, torch.full_like(x0, mask_id), x0)
+
+
+def bernoulli_mask(u: torch.Tensor, move_prob: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+    """Independent masking: position i is masked iff u_i < move_prob (and it may be masked)."""
+    if move_prob.dim() == 1:
+        move_prob = move_prob[:, None]
+    return (u < move_prob) & maskable
+
+
+def exact_k_mask(u: torch.Tensor, k: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+    """Mask exactly k[b] maskable positions of row b, chosen uniformly (the k smallest u's)."""
+    u = torch.where(maskable, u, torch.full_like(u, 2.0))  # non-maskable positions sort last
+    ranks = u.argsort(dim=-1).argsort(dim=-1)
+    return (ranks < k[:, None]) & maskable
+
+
+def scored_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Positions that count towards the likelihood: real tokens except position 0.
+
+    Position 0 holds BOS, which is given, never predicted. Both the AR model (which cannot predict
+    its first token) and the diffusion models (which never mask it) therefore score the same L - 1
+    tokens, so their perplexities are comparable on the same tokenization.
+    """
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    valid = valid.clone()
+    valid[:, 0] = False
+    return valid

@@ -1,0 +1,198 @@
+"""Training objectives behind one interface: MDLM, RADD and the autoregressive baseline.
+
+Each objective turns (model, clean tokens, noise) into a loss. Noise is drawn separately by
+`draw_noise` (see dlm/noise.py for why), so the same call gives the training loss and, with noise
+over the full time range, the NELBO used for perplexity.
+
+    obj = make_objective(model.config)
+    noise = obj.draw_noise(batch_size, seq_len, generator)
+    out = obj.loss(model, input_ids, attention_mask, noise)
+    out.loss.backward()            # mean weighted NLL per scored token
+    out.nll_sum, out.n_tokens      # for perplexity = exp(sum nll / sum tokens)
+
+Losses (../shared/REFERENCE.md section 1):
+  - MDLM (Sahoo et al. 2024, eq. 10-11): SUBS parameterisation (the [MASK] logit is -inf, clean
+    positions carry over and cost nothing), continuous-time NELBO weight -alpha'/(1-alpha) = 1/t
+    for the log-linear schedule, low-discrepancy t across the batch.
+  - RADD (Ou et al. 2024): the same SUBS network without time input; lambda-DCE (eq. 13: mask
+    with probability lambda, weight 1/lambda) or k-DCE, the any-order-AR form (eq. 15: mask exactly
+    k ~ U{1..n} positions, weight n/k).
+  - AR: next-token cross-entropy under a causal mask on the same backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dlm.errors import DLMError
+from dlm.noise import (
+    LogLinearSchedule,
+    bernoulli_mask,
+    exact_k_mask,
+    low_discrepancy_times,
+    mask_tokens,
+    scored_positions,
+)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # differentiable scalar: weighted NLL summed over scored tokens / n_tokens
+    nll_sum: torch.Tensor  # detached float64 sum of weighted NLLs (nats)
+    n_tokens: torch.Tensor  # number of scored tokens
+
+
+def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS parameterisation (MDLM sec. 3.2): log p_theta(x0 | x_t) over the vocabulary.
+
+    Zero-masking: the [MASK] class gets probability 0. Carry-over: at positions that are not
+    masked in x_t the distribution is a point mass on the observed token.
+    """
+    logits = logits.float().clone()
+    logits[..., mask_id] = float("-inf")
+    logp = logits.log_softmax(-1)
+    carry = torch.full_like(logp, float("-inf")).scatter_(-1, xt[..., None], 0.0)
+    return torch.where((xt != mask_id)[..., None], carry, logp)
+
+
+def masked_nll(logits: torch.Tensor, targets: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
+    """-log p(target) per row of `logits` (N, V), with the [MASK] class removed when given."""
+    logits = logits.float()
+    if mask_id is not None:
+        logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+class Objective:
+    """Base class: subclasses define draw_noise and loss."""
+
+    name = "base"
+    is_causal = False
+
+    def __init__(self, config, eps: float = 1e-3):
+        self.config = config
+        self.mask_id = config.mask_token_id
+        self.schedule = LogLinearSchedule(eps)
+        if self.name != "ar" and self.mask_id is None:
+            raise DLMError("the model config has no mask_token_id; build it from a tokenizer with a mask token")
+
+    def draw_noise(self, batch_size: int, seq_len: int, generator: torch.Generator) -> dict:
+        return {}
+
+    def loss(self, model, input_ids, attention_mask, noise) -> LossOutput:
+        raise NotImplementedError
+
+    @staticmethod
+    def _finish(nll: torch.Tensor, n_tokens: torch.Tensor) -> LossOutput:
+        total = nll.sum()
+        return LossOutput(
+            loss=total / n_tokens.clamp(min=1),
+            nll_sum=total.detach().double(),
+            n_tokens=n_tokens.detach(),
+        )
+
+
+class MDLM(Objective):
+    """Masked diffusion with the continuous-time NELBO (Sahoo et al. 2024)."""
+
+    name = "mdlm"
+
+    def __init__(self, config, eps: float = 1e-3, t_range: tuple[float, float] = (0.0, 1.0)):
+        super().__init__(config, eps)
+        self.t_range = t_range
+
+    def draw_noise(self, batch_size, seq_len, generator):
+        lo, hi = self.t_range
+        # t in [eps, 1]: below eps the weight 1/t explodes and the bound's gain is negligible.
+        lo = max(lo, self.schedule.eps)
+        return {
+            "t": low_discrepancy_times(batch_size, generator, lo, hi),
+            "u": torch.rand(batch_size, seq_len, generator=generator),
+        }
+
+    def corrupt(self, input_ids, attention_mask, noise):
+        scored = scored_positions(input_ids, attention_mask)
+        t = noise["t"].to(input_ids.device)
+        masked = bernoulli_mask(noise["u"].to(input_ids.device), self.schedule.move_prob(t), scored)
+        return mask_tokens(input_ids, masked, self.mask_id), masked, scored, t
+
+    def loss(self, model, input_ids, attention_mask, noise):
+        xt, masked, scored, t = self.corrupt(input_ids, attention_mask, noise)
+        sigma = self.schedule.sigma(t) if self.config.time_conditioning else None
+        logits = model(xt, attention_mask=attention_mask, sigma=sigma, output_positions=masked).logits
+        weight = self.schedule.loss_weight(t)[:, None].expand_as(masked)[masked]
+        nll = masked_nll(logits, input_ids[masked], self.mask_id) * weight
+        return self._finish(nll, scored.sum())
+
+
+class RADD(Objective):
+    """Reparameterized absorbing discrete diffusion (Ou et al. 2024): time-free network."""
+
+    name = "radd"
+
+    def __init__(self, config, eps: float = 1e-3, loss_type: str = "lambda"):
+        super().__init__(config, eps)
+        if loss_type not in ("lambda", "k"):
+            raise DLMError(f"unknown RADD loss {loss_type!r}; use 'lambda' (lambda-DCE) or 'k' (k-DCE)")
+        if config.time_conditioning:
+            raise DLMError("RADD's network takes no time input; build the model with time_conditioning off")
+        self.loss_type = loss_type
+
+    def draw_noise(self, batch_size, seq_len, generator):
+        eps = self.schedule.eps
+        return {
+            # lambda (masking ratio) or the fraction that picks k: stratified across the batch.
+            "r": low_discrepancy_times(batch_size, generator, eps, 1.0),
+            "u": torch.rand(batch_size, seq_len, generator=generator),
+        }
+
+    def loss(self, model, input_ids, attention_mask, noise):
+        scored = scored_positions(input_ids, attention_mask)
+        r = noise["r"].to(input_ids.device)
+        u = noise["u"].to(input_ids.device)
+        if self.loss_type == "lambda":
+            masked = bernoulli_mask(u, r, scored)
+            weight = (1.0 / r)[:, None]
+        else:
+            n = scored.sum(-1)
+            k = (r * n).ceil().clamp(min=1).long()  # k ~ U{1..n}, stratified through r
+            k = torch.minimum(k, n.clamp(min=1))
+            masked = exact_k_mask(u, k, scored)
+            weight = (n.float() / k.float())[:, None]
+        xt = mask_tokens(input_ids, masked, self.mask_id)
+        logits = model(xt, attention_mask=attention_mask, output_positions=masked).logits
+        nll = masked_nll(logits, input_ids[masked], self.mask_id) * weight.expand_as(masked)[masked]
+        return self._finish(nll, scored.sum())
+
+
+class AR(Objective):
+    """Autoregressive baseline: causal attention, next-token cross-entropy, exact likelihood."""
+
+    name = "ar"
+    is_causal = True
+
+    def loss(self, model, input_ids, attention_mask, noise):
+        scored = scored_positions(input_ids, attention_mask)
+        # Logits at position i predict token i + 1: compute them only where the target is scored.
+        predict_from = torch.zeros_like(scored)
+        predict_from[:, :-1] = scored[:, 1:]
+        logits = model(input_ids, attention_mask=attention_mask, is_causal=True, output_positions=predict_from).logits
+        nll = masked_nll(logits, input_ids[scored], None)
+        return self._finish(nll, scored.sum())
+
+
+OBJECTIVE_CLASSES = {"mdlm": MDLM, "radd": RADD, "ar": AR}
+
+
+def make_objective(config, **options) -> Objective:
+    """The objective named by `config.objective`, with options (e.g. loss_type for RADD)."""
+    cls = OBJECTIVE_CLASSES.get(config.objective)
+    if cls is None:
+        raise DLMError(
+            f"objective {config.objective!r} is not available; choose one of {', '.join(OBJECTIVE_CLASSES)}"
+        )
+    return cls(config, **options)

@@ -1,0 +1,164 @@
+"""The backbone: masks, caches, time conditioning, presets, save / load, Llama export, bad checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from dlm.errors import DLMError
+from dlm.model import PRESETS, DLMConfig, DLMModel, KVCache, load_model
+
+V = 64
+
+
+def make(objective="mdlm", **kw):
+    torch.manual_seed(0)
+    cfg = DLMConfig.from_preset("debug", vocab_size=V, mask_token_id=V - 1, bos_token_id=0, eos_token_id=1,
+                                pad_token_id=2, objective=objective, **kw)
+    return DLMModel(cfg).eval()
+
+
+def test_bidirectional_causal_and_boolean_masks():
+    m = make()
+    x = torch.randint(0, V, (2, 12))
+    bi = m(x).logits
+    causal = m(x, is_causal=True).logits
+    tril = torch.ones(12, 12, dtype=torch.bool).tril()
+    explicit = m(x, attn_mask=tril).logits
+    assert torch.allclose(causal, explicit, atol=1e-5)
+    assert not torch.allclose(bi, causal, atol=1e-3)
+    # Causal: the prefix does not see the future.
+    x2 = x.clone()
+    x2[:, 8:] = (x2[:, 8:] + 1) % V
+    assert torch.allclose(m(x2, is_causal=True).logits[:, :8], causal[:, :8], atol=1e-5)
+    # Bidirectional: every position sees the change.
+    assert not torch.allclose(m(x2).logits[:, :8], bi[:, :8], atol=1e-4)
+
+
+def test_padding_mask_hides_pad_keys():
+    m = make()
+    x = torch.randint(3, V - 1, (2, 10))
+    am = torch.ones_like(x)
+    am[1, 6:] = 0
+    out = m(x, attention_mask=am).logits
+    alone = m(x[1:, :6]).logits
+    assert torch.allclose(out[1, :6], alone[0], atol=1e-5)
+    assert not out.isnan().any()
+
+
+def test_kv_cache_matches_full_forward():
+    m = make("ar")
+    x = torch.randint(0, V, (2, 16))
+    full = m(x, is_causal=True).logits
+    cache = KVCache(m.config.num_hidden_layers)
+    parts = [m(x[:, :5], is_causal=True, cache=cache).logits]
+    for i in range(5, 16):
+        parts.append(m(x[:, i : i + 1], is_causal=True, cache=cache).logits)
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    cache.crop(5)
+    assert cache.length == 5
+
+
+def test_output_positions_selects_rows():
+    m = make()
+    x = torch.randint(0, V, (2, 9))
+    sel = torch.rand(2, 9) > 0.5
+    assert torch.allclose(m(x, output_positions=sel).logits, m(x).logits[sel], atol=1e-6)
+
+
+def test_time_conditioning_starts_as_identity_and_uses_sigma():
+    plain, timed = make(), make(time_conditioning=True)
+    timed.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randint(0, V, (2, 8))
+    sigma = torch.tensor([0.1, 2.0])
+    assert torch.allclose(timed(x, sigma=sigma).logits, plain(x).logits, atol=1e-5)  # zero-init adaLN
+    with torch.no_grad():
+        for layer in timed.layers:
+            layer.adaLN.weight.normal_(0, 0.1)
+    a, b = timed(x, sigma=sigma).logits, timed(x, sigma=sigma.flip(0)).logits
+    assert not torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="sigma"):
+        timed(x)
+
+
+def test_presets():
+    for name, (d, n_layers, heads) in PRESETS.items():
+        cfg = DLMConfig.from_preset(name, vocab_size=50304)
+        assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (d, n_layers, heads)
+    big = DLMConfig.from_preset("gpt2-small", vocab_size=50304)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in DLMModel(big).parameters())
+    assert 120e6 < n < 200e6  # GPT-2-small scale, untied embeddings
+    with pytest.raises(DLMError, match="unknown model size"):
+        DLMConfig.from_preset("huge")
+    with pytest.raises(DLMError, match="objective"):
+        DLMConfig(objective="gpt")
+
+
+def test_sequence_longer_than_max_positions():
+    cfg = DLMConfig.from_preset("debug", vocab_size=V, mask_token_id=V - 1, max_position_embeddings=16)
+    with pytest.raises(DLMError, match="maximum of 16"):
+        DLMModel(cfg)(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_save_load_roundtrip(tmp_path):
+    m = make("radd")
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    x = torch.randint(0, V, (2, 8))
+    for loaded in (AutoModel.from_pretrained(tmp_path), load_model(str(tmp_path))):
+        assert isinstance(loaded, DLMModel)
+        assert loaded.config.objective == "radd" and loaded.config.mask_token_id == V - 1
+        assert torch.equal(loaded(x).logits, m(x).logits)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "dlm"
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(DLMError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DLMError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(DLMError, match="'bert' model"):
+        load_model(str(other))
+    m = make()
+    m.save_pretrained(tmp_path / "ok")
+    with pytest.raises(DLMError, match="trained with objective"):
+        load_model(str(tmp_path / "ok"), expect_objective="ar")
+    # Truncate the weights: a corrupt checkpoint.
+    w = tmp_path / "ok" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(DLMError, match="corrupt"):
+        load_model(str(tmp_path / "ok"))
+    (tmp_path / "ok" / "config.json").write_text("{not json")
+    with pytest.raises(DLMError, match="corrupt"):
+        load_model(str(tmp_path / "ok"))
+
+
+def test_ar_exports_to_llama_with_identical_logits(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from dlm.export import export_llama, to_llama
+
+    m = make("ar")
+    with torch.no_grad():  # non-trivial norm weights so the mapping of every tensor matters
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randint(0, V, (2, 14))
+    ours = m(x, is_causal=True).logits
+    assert torch.allclose(to_llama(m)(x).logits, ours, atol=1e-5)
+    m.save_pretrained(tmp_path / "ar")
+    export_llama(str(tmp_path / "ar"), str(tmp_path / "llama"))
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama")
+    assert torch.allclose(llama(x).logits, ours, atol=1e-5)
+    # HF generate with its KV cache runs on the export.
+    gen = llama.generate(x[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=2)
+    assert gen.shape == (1, 9)
+    with pytest.raises(DLMError, match="only autoregressive"):
+        to_llama(make("mdlm"))
