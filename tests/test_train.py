@@ -1,0 +1,170 @@
+"""Training end to end: loss falls, exact resume, Ctrl-C, atomic checkpoints, DeepSpeed 1 vs 2
+processes (ZeRO 0 and 3), export, and the CLI's bad-input errors (one line, exit code 2)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dlm.training import checkpoint
+from dlm.training.config import TrainConfig
+from dlm.training.trainer import Trainer, train
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(_k, None)
+
+
+def cfg_for(corpus, out, **kw) -> TrainConfig:
+    base = dict(data=corpus, output_dir=str(out), size="debug", seq_len=32, micro_batch=8, max_steps=12,
+                lr=3e-3, warmup_steps=2, vocab_size=300, log_every=1, eval_every=6, eval_batches=2,
+                save_every=6, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(out) -> dict:
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def vals(out) -> list:
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [r["val_nll"] for r in recs if "val_nll" in r]
+
+
+def dlm_cli(*args, launcher=None, cwd=None, timeout=300):
+    cmd = [sys.executable, "-m", "dlm.cli", *args]
+    if launcher == "torchrun2":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "dlm.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout)
+
+
+def _free_port():
+    from dlm.training.distributed import _free_port as f
+
+    return f()
+
+
+def cli_args(corpus, out, **kw) -> list:
+    args = []
+    for k, v in cfg_for(corpus, out, **kw).to_dict().items():
+        if v is None or v == TrainConfig().to_dict()[k]:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            args += [flag, str(v)]
+    return ["train", *args]
+
+
+# ---------------------------------------------------------------- single process, in-process
+@pytest.mark.parametrize("objective", ["mdlm", "radd", "ar"])
+def test_loss_falls_and_model_exports(small_corpus, tmp_path, objective):
+    out = tmp_path / objective
+    model_dir = train(cfg_for(small_corpus, out, objective=objective, max_steps=60, eval_every=20))
+    l = losses(out)
+    first = sum(l[s] for s in range(1, 6)) / 5
+    last = sum(l[s] for s in range(56, 61)) / 5
+    assert last < 0.7 * first, (first, last)
+    v = vals(out)
+    assert v[-1] < v[0]
+    from dlm.model import load_model
+
+    m = load_model(model_dir)
+    assert m.config.objective == objective
+    assert os.path.isfile(os.path.join(model_dir, "tokenizer.json"))
+    assert checkpoint.latest_tag(str(out / "checkpoints")) == "step-0000060"
+
+
+def test_exact_resume_after_stop(small_corpus, tmp_path):
+    full = tmp_path / "full"
+    train(cfg_for(small_corpus, full, max_steps=12))
+    part = tmp_path / "part"
+    assert train(cfg_for(small_corpus, part, max_steps=12, stop_after_steps=5)) is None
+    assert checkpoint.latest_tag(str(part / "checkpoints")) == "step-0000005"
+    train(cfg_for(small_corpus, part, max_steps=12, resume=True))
+    a, b = losses(full), losses(part)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-6, (s, a[s], b[s])
+
+
+def test_refuses_to_overwrite_a_run_without_resume(small_corpus, tmp_path):
+    from dlm.errors import DLMError
+
+    train(cfg_for(small_corpus, tmp_path / "r", max_steps=3, save_every=3))
+    with pytest.raises(DLMError, match="--resume"):
+        train(cfg_for(small_corpus, tmp_path / "r", max_steps=3))
+
+
+def test_failed_save_keeps_previous_checkpoint(small_corpus, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    train(cfg_for(small_corpus, out, max_steps=4, save_every=4))
+    ckpt = str(out / "checkpoints")
+    before = sorted(os.listdir(os.path.join(ckpt, "step-0000004")))
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(*a, **k):
+        raise Boom("disk full")
+
+    import deepspeed.runtime.engine as eng
+
+    monkeypatch.setattr(eng.DeepSpeedEngine, "save_checkpoint", explode)
+    with pytest.raises(Boom):
+        train(cfg_for(small_corpus, out, max_steps=8, save_every=2, resume=True))
+    assert checkpoint.latest_tag(ckpt) == "step-0000004"
+    assert sorted(os.listdir(os.path.join(ckpt, "step-0000004"))) == before
+
+
+# ---------------------------------------------------------------- subprocesses: launchers, signals
+def test_two_processes_match_one_process(small_corpus, tmp_path):
+    """Same global batch (8): 1 process x 4 x accum 2, 2 processes x 4 (ZeRO 0), 2 x 4 (ZeRO 3)."""
+    one = tmp_path / "one"
+    r = dlm_cli(*cli_args(small_corpus, one, max_steps=6, micro_batch=4, grad_accum=2, eval_every=3))
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {"one": losses(one)}
+    for stage in (0, 3):
+        out = tmp_path / f"two-z{stage}"
+        r = dlm_cli(*cli_args(small_corpus, out, max_steps=6, micro_batch=4, zero_stage=stage, eval_every=3,
+                              tokenizer=str(one / "tokenizer")), launcher="torchrun2")
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[stage] = losses(out)
+        assert os.path.isfile(out / "model" / "model.safetensors")
+    for stage in (0, 3):
+        for s in range(1, 7):
+            assert abs(runs["one"][s] - runs[stage][s]) < 2e-4 * max(1, abs(runs["one"][s])), (stage, s)
+    # Validation NELBO is computed on the same rows with the same noise in every layout.
+    assert abs(vals(one)[-1] - vals(tmp_path / "two-z3")[-1]) < 1e-3
+
+
+def test_ctrl_c_saves_then_resume_finishes(small_corpus, tmp_path):
+    out = tmp_path / "sig"
+    args = cli_args(small_corpus, out, max_steps=400, save_every=1000, eval_every=1000)
+    proc = subprocess.Popen([sys.executable, "-m", "dlm.cli", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    tag = checkpoint.latest_tag(str(out / "checkpoints"))
+    assert tag is not None and "resume" in err
+    stopped = int(tag.split("-")[1])
+    assert 3 <= stopped < 400
+    r = dlm_cli(*cli_args(small_corpus, out, max_steps=stopped + 3, save_every=1000, eval_every=1000, resume=True))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert max(losses(out)) == stopped + 3

@@ -1,0 +1,187 @@
+"""Training configuration: one dataclass, loadable from JSON, overridable from the command line.
+
+`dlm train --config run.json --lr 1e-3` reads run.json (keys = the field names below), then
+applies flags. An unknown key is an error that lists the valid ones, never silently ignored.
+The DeepSpeed JSON (training/configs/zero{0,1,2,3}.json or --deepspeed-config) holds only what
+DeepSpeed owns; its "auto" entries are filled from this config by `deepspeed_config()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from dlm.errors import DLMError
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "default"  # "default" (embedded corpus), a local file/dir/glob, or a hub dataset name
+    text_field: str = "text"
+    seq_len: int = 128
+    pack: str = "wrap"  # "wrap" (concatenate + chunk, MDLM style) or "pad" (one document per row)
+    tokenizer: Optional[str] = None  # dir or hub name; None = train a BPE tokenizer on the data
+    vocab_size: int = 4096  # for a tokenizer trained here
+    # model
+    objective: str = "mdlm"  # mdlm | radd | ar
+    size: str = "tiny"  # preset name from dlm.model.PRESETS
+    time_conditioning: bool = False
+    radd_loss: str = "lambda"  # lambda | k
+    init_from: Optional[str] = None  # start from the weights of an existing dlm model directory
+    # optimisation
+    max_steps: int = 1000
+    micro_batch: int = 16  # per process
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.0  # EMA decay of the weights (e.g. 0.9999); 0 = off
+    precision: str = "auto"  # auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16
+    zero_stage: int = 0
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON that replaces configs/zero{stage}.json
+    # bookkeeping
+    output_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after_steps: Optional[int] = None  # checkpoint and stop after this many steps of this invocation
+    tensorboard: bool = True  # used when tensorboard is installed
+
+    def validate(self) -> None:
+        if self.objective not in ("mdlm", "radd", "ar"):
+            raise DLMError(f"unknown objective {self.objective!r}; use mdlm, radd or ar")
+        if self.pack not in ("wrap", "pad"):
+            raise DLMError(f"unknown --pack {self.pack!r}; use wrap or pad")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise DLMError(f"unknown --precision {self.precision!r}; use auto, fp32 or bf16 (fp16 is not supported)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise DLMError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for name in ("max_steps", "micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise DLMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 4:
+            raise DLMError("--seq-len must be at least 4 (BOS + EOS + two tokens)")
+        if not 0.0 <= self.ema < 1.0:
+            raise DLMError(f"--ema must be in [0, 1), got {self.ema}")
+        if self.ema > 0 and self.zero_stage == 3:
+            raise DLMError("--ema needs the full weights on every rank; use --zero-stage 0, 1 or 2 with EMA")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_json(cls, path: str) -> "TrainConfig":
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise DLMError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise DLMError(f"config file {path} is not valid JSON ({e})") from None
+        return cls().updated(raw, source=path)
+
+    def updated(self, values: dict, source: str = "overrides") -> "TrainConfig":
+        known = set(self.field_names())
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DLMError(
+                f"unknown config key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool) -> dict:
+    """Load the DeepSpeed JSON for this run and fill its "auto" entries from `cfg`."""
+    path = cfg.deepspeed_config or os.path.join(CONFIG_DIR, f"zero{cfg.zero_stage}.json")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise DLMError(f"DeepSpeed config {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise DLMError(f"DeepSpeed config {path} is not valid JSON ({e})") from None
+
+    def fill(d: dict, key: str, value) -> None:
+        if d.get(key, "auto") == "auto":
+            d[key] = value
+
+    fill(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch)
+    fill(ds, "gradient_accumulation_steps", cfg.grad_accum)
+    fill(ds, "gradient_clipping", cfg.grad_clip)
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    bf16 = ds.setdefault("bf16", {})
+    fill(bf16, "enabled", use_bf16)
+    if ds.get("fp16", {}).get("enabled"):
+        raise DLMError(f"{path} enables fp16; dlm trains in fp32 or bf16 (set bf16.enabled instead)")
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    fill(params, "lr", cfg.lr)
+    fill(params, "weight_decay", cfg.weight_decay)
+    params.setdefault("torch_adam", True)
+    ds.setdefault("zero_optimization", {}).setdefault("stage", cfg.zero_stage)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise DLMError(f"DeepSpeed config {path} has 'auto' values dlm cannot fill: {', '.join(leftover)}")
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+# Filled by the CLI so `dlm train --help` documents each field from one place.
+HELP = {
+    "data": "training corpus: 'default' (embedded, offline), a .txt/.jsonl/.parquet file, a directory, a glob, or a hub dataset 'name[:config]'",
+    "text_field": "text column of jsonl/parquet/hub data",
+    "seq_len": "tokens per training sequence",
+    "pack": "wrap: concatenate documents and cut into chunks (BOS/EOS per chunk); pad: one document per row",
+    "tokenizer": "tokenizer directory or hub name; default: train a byte-level BPE on the data",
+    "vocab_size": "vocabulary size of a tokenizer trained here",
+    "objective": "mdlm | radd | ar",
+    "size": "model size preset (debug, tiny, small, medium, gpt2-small)",
+    "time_conditioning": "feed the noise level to the network (MDLM adaLN); off by default as in the MDLM reference",
+    "radd_loss": "RADD loss: lambda (lambda-DCE) or k (k-DCE, any-order AR form)",
+    "init_from": "initialise weights from an existing dlm model directory",
+    "max_steps": "optimizer steps",
+    "micro_batch": "sequences per process per micro-step",
+    "grad_accum": "micro-steps per optimizer step (global batch = micro_batch x grad_accum x processes)",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final learning rate as a fraction of the peak (cosine decay)",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient-norm clipping (0 = off)",
+    "ema": "EMA decay of the weights exported at the end (0 = off)",
+    "precision": "auto | fp32 | bf16",
+    "zero_stage": "DeepSpeed ZeRO stage (0-3), selects training/configs/zero{N}.json",
+    "deepspeed_config": "a DeepSpeed JSON to use instead of the bundled one ('auto' values are filled from flags)",
+    "output_dir": "where checkpoints, metrics.jsonl, the tokenizer and the final model go",
+    "seed": "seed of the data order, noise and initialisation",
+    "log_every": "steps between log lines / metrics records",
+    "eval_every": "steps between validation NELBO evaluations",
+    "eval_batches": "global batches (micro_batch x grad_accum x ranks rows each) per evaluation",
+    "save_every": "steps between checkpoints",
+    "keep_checkpoints": "checkpoints kept on disk (oldest deleted first)",
+    "stop_after_steps": "checkpoint and exit after this many steps of this invocation (for time-sliced cluster jobs); resume later with --resume",
+    "resume": "continue from the latest checkpoint in output_dir (exactly: same data order and noise)",
+    "tensorboard": "also log to TensorBoard when it is installed",
+}
