@@ -190,6 +190,20 @@ def special_token_ids(tok) -> dict[str, int]:
     return {r: int(getattr(tok, f"{r}_token_id")) for r in ROLES}
 
 
+def check_tokenizer_for_model(tok, config, where: str = "the model") -> None:
+    """Raise DLMError unless `tok` is usable with a model config: every token has an embedding and
+    the BOS/EOS/PAD/MASK ids are the ones the model was trained with."""
+    check_tokenizer(tok)
+    fix = "use the tokenizer saved with the model (drop --tokenizer)"
+    if len(tok) > config.vocab_size:
+        raise DLMError(f"the tokenizer has {len(tok)} tokens but {where} has only {config.vocab_size} embeddings; {fix}")
+    for role in ROLES:
+        want = getattr(config, f"{role}_token_id", None)
+        got = getattr(tok, f"{role}_token_id")
+        if want is not None and int(want) != int(got):
+            raise DLMError(f"the tokenizer's {role.upper()} id is {got} but {where} uses {want}; {fix}")
+
+
 def model_vocab_size(tok, multiple: int = 64) -> int:
     """Embedding rows for a model using `tok`: len(tok) rounded up to a multiple (for fast matmuls)."""
     if multiple < 1:

@@ -111,6 +111,19 @@ class Trainer:
                 f"{self.ckpt_dir} already holds checkpoints; pass --resume to continue that run, "
                 "or choose another --output-dir"
             )
+        saved_path = os.path.join(self.out, "train_config.json")
+        if cfg.resume and self.has_checkpoint() and os.path.isfile(saved_path):
+            try:
+                with open(saved_path) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError):
+                saved = {}
+            now = cfg.to_dict()
+            changed = [k for k in RESUME_FIXED if k in saved and saved[k] != now.get(k)]
+            if changed:
+                diff = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in changed)
+                raise DLMError(f"--resume with settings that define the run changed ({diff}); "
+                               "keep them as they were, or start a new --output-dir")
 
     def setup_tokenizer(self):
         from dlm.tokenizer import check_tokenizer, load_tokenizer, train_tokenizer
@@ -171,7 +184,7 @@ class Trainer:
 
     def build_model(self, tok):
         from dlm.model import DLMConfig, DLMModel, load_model
-        from dlm.tokenizer import model_vocab_size, special_token_ids
+        from dlm.tokenizer import check_tokenizer_for_model, model_vocab_size, special_token_ids
 
         cfg = self.cfg
         ids = special_token_ids(tok)
@@ -181,9 +194,7 @@ class Trainer:
             if model.config.objective != cfg.objective:
                 raise DLMError(f"--init-from {cfg.init_from} is a {model.config.objective!r} model but --objective is "
                                f"{cfg.objective!r}; pass the matching objective")
-            if model.config.vocab_size < len(tok):
-                raise DLMError(f"--init-from {cfg.init_from} has {model.config.vocab_size} embeddings but the tokenizer "
-                               f"has {len(tok)} tokens; use the tokenizer the model was trained with")
+            check_tokenizer_for_model(tok, model.config, where=f"--init-from {cfg.init_from}")
         else:
             mcfg = DLMConfig.from_preset(
                 cfg.size,
@@ -390,6 +401,11 @@ def _maybe_float(x):
         return None if x is None else float(x)
     except (TypeError, ValueError):
         return None
+
+
+# Settings a resumed run must keep: they define the model, the data order or the noise.
+RESUME_FIXED = ("objective", "size", "seq_len", "pack", "data", "text_field", "tokenizer", "vocab_size",
+                "time_conditioning", "radd_loss", "seed", "init_from")
 
 
 class MetricsWriter:

@@ -1,0 +1,299 @@
+"""The `dlm` command line: one entry point, one subcommand per job.
+
+    dlm quickstart                 tokenizer + tiny MDLM and AR on the embedded corpus, ppl, samples
+    dlm corpus write DIR           write the embedded default corpus (no network)
+    dlm tokenizer train ...        train a byte-level BPE tokenizer
+    dlm train ...                  pretrain a model (DeepSpeed; python, torchrun or deepspeed launcher)
+    dlm ppl MODEL ...              NELBO perplexity bound (diffusion) / exact perplexity (AR)
+    dlm sample MODEL ...           draw samples
+    dlm export MODEL OUT           AR baseline -> LlamaForCausalLM
+    dlm bench train ...            training throughput: AR vs MDLM vs RADD, DeepSpeed vs plain torch
+
+Errors caused by input (missing files, bad flags, bad checkpoints) print one line and exit 2.
+Heavy imports (torch, transformers, deepspeed) happen inside the subcommands so --help is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Optional
+
+
+def _quiet_libraries() -> None:
+    # DeepSpeed's CPU-accelerator warning and HF's info logs drown the useful output.
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+# ------------------------------------------------------------------ train
+TRAIN_DESCRIPTION = """Pretrain a model with DeepSpeed. Runs the same as one process or many:
+
+  dlm train --objective mdlm --size tiny --max-steps 2000
+  torchrun --nproc_per_node 2 -m dlm.cli train --micro-batch 8 ...
+  deepspeed --num_accelerators 2 --module dlm.cli train ...
+
+Writes OUTPUT_DIR/{tokenizer,checkpoints,metrics.jsonl,model}. Ctrl-C saves a checkpoint;
+--resume continues exactly (same data order and noise). Settings can come from --config
+(JSON whose keys are the flag names with underscores); flags override the file.
+"""
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from dlm.training.config import HELP, TrainConfig
+
+    p.add_argument("--config", help="JSON file of training settings (keys = the long flag names with _)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kw = dict(default=argparse.SUPPRESS, help=f"{HELP.get(f.name, '')} (default: {default})")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            typ = {int: int, float: float}.get(type(default), str)
+            p.add_argument(flag, type=typ, metavar=f.name.upper(), **kw)
+
+
+def cmd_train(args) -> None:
+    from dlm.training.config import TrainConfig
+    from dlm.training.trainer import train
+
+    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+    cfg = cfg.updated(overrides, source="command-line flags")
+    out = train(cfg)
+    if out:
+        print(out)
+
+
+# ------------------------------------------------------------------ tokenizer / corpus
+def cmd_tokenizer_train(args) -> None:
+    from dlm.data import load_text_dataset
+    from dlm.tokenizer import train_tokenizer
+
+    ds = load_text_dataset(args.data, args.split, args.text_field)
+    tok = train_tokenizer(ds["text"], args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    print(f"trained a {len(tok)}-token byte-level BPE tokenizer on {len(ds)} documents -> {args.out}")
+
+
+def cmd_corpus_write(args) -> None:
+    from dlm.corpus import corpus_stats, write_default_corpus
+
+    paths = write_default_corpus(args.out, seed=args.seed, n_task_examples=args.task_examples)
+    stats = corpus_stats(args.out)
+    print(json.dumps({"paths": {k: str(v) for k, v in paths.items()}, "stats": stats}, indent=1))
+
+
+# ------------------------------------------------------------------ ppl / sample / export
+def _device(name: Optional[str]):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_ppl(args) -> None:
+    import torch
+
+    from dlm.data import build_lm_dataset
+    from dlm.model import load_model
+    from dlm.ppl import perplexity
+    from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
+
+    model = load_model(args.model).to(_device(args.device))
+    tok = load_tokenizer(args.tokenizer or args.model)
+    check_tokenizer_for_model(tok, model.config)
+    seq_len = args.seq_len or _trained_seq_len(args.model) or 128
+    if seq_len > model.config.max_position_embeddings:
+        from dlm.errors import DLMError
+
+        raise DLMError(f"--seq-len {seq_len} exceeds the model's maximum of "
+                       f"{model.config.max_position_embeddings} positions; lower --seq-len")
+    ds = build_lm_dataset(args.data, tok, seq_len, split=args.split, mode=args.pack, text_field=args.text_field)
+    ds = ds.with_format("torch")
+    torch.manual_seed(args.seed)
+    res = perplexity(model, ds, batch_size=args.batch_size, mc_samples=args.mc_samples, seed=args.seed,
+                     max_batches=args.max_batches, progress=sys.stderr.isatty())
+    res.update(model=args.model, objective=model.config.objective, data=args.data, split=args.split, seq_len=seq_len)
+    kind = "NELBO bound" if res["bound"] else "exact"
+    print(f"{model.config.objective}: perplexity {res['ppl']:.3f} ({kind}, {res['tokens']} tokens, "
+          f"{res['mc_samples']} MC sample(s))", file=sys.stderr)
+    print(json.dumps(res))
+
+
+def _trained_seq_len(model_dir: str) -> Optional[int]:
+    # A model exported by `dlm train` sits in OUTPUT_DIR/model beside OUTPUT_DIR/train_config.json.
+    path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "train_config.json")
+    try:
+        with open(path) as f:
+            return int(json.load(f)["seq_len"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def cmd_sample(args) -> None:
+    from dlm.errors import DLMError
+    from dlm.model import load_model
+    from dlm.sample import sample, strip_after_eos
+    from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
+
+    if args.length < 1:
+        raise DLMError(f"--length must be at least 1, got {args.length}")
+    model = load_model(args.model).to(_device(args.device)).eval()
+    tok = load_tokenizer(args.tokenizer or args.model)
+    check_tokenizer_for_model(tok, model.config)
+    prompt = tok.encode(args.prompt, add_special_tokens=False) if args.prompt else []
+    if 1 + len(prompt) + args.length > model.config.max_position_embeddings:
+        raise DLMError(f"prompt ({len(prompt)} tokens) + --length {args.length} exceeds the model's "
+                       f"{model.config.max_position_embeddings} positions; shorten one")
+    out = sample(model, prompt, n=args.n, length=args.length, steps=args.steps,
+                 temperature=args.temperature, seed=args.seed)
+    for row in out.tokens.tolist():
+        gen = strip_after_eos(row[1 + len(prompt):], model.config.eos_token_id)
+        print(json.dumps({"prompt": args.prompt, "completion": tok.decode(gen)}))
+    print(f"{args.n} sample(s), {out.nfe} network calls", file=sys.stderr)
+
+
+def cmd_export(args) -> None:
+    from dlm.export import export_llama
+
+    print(export_llama(args.model, args.out))
+
+
+def cmd_bench_train(args) -> None:
+    from dlm.training.bench import main as bench_main
+
+    bench_main(args)
+
+
+def cmd_quickstart(args) -> None:
+    from dlm.training.quickstart import quickstart
+
+    quickstart(args)
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    from dlm import __version__
+
+    p = argparse.ArgumentParser(
+        prog="dlm",
+        description="Discrete (masked) diffusion language models: train, score, sample, benchmark.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `dlm COMMAND --help` for the options of each command. Docs: README.md",
+    )
+    p.add_argument("--version", action="version", version=f"dlm {__version__}")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    q = sub.add_parser("quickstart", help="end-to-end demo on the embedded corpus (a few minutes on a CPU)")
+    q.add_argument("--output-dir", default="runs/quickstart")
+    q.add_argument("--max-steps", type=int, default=300)
+    q.add_argument("--size", default="tiny")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_quickstart)
+
+    c = sub.add_parser("corpus", help="the embedded default corpus").add_subparsers(dest="sub", required=True)
+    cw = c.add_parser("write", help="write train/validation/test jsonl of the embedded corpus")
+    cw.add_argument("out", help="output directory")
+    cw.add_argument("--seed", type=int, default=0)
+    cw.add_argument("--task-examples", type=int, default=20000, help="training examples of the checkable tasks")
+    cw.set_defaults(func=cmd_corpus_write)
+
+    t = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="sub", required=True)
+    tt = t.add_parser("train", help="train a byte-level BPE tokenizer with [MASK], BOS/EOS and PAD")
+    tt.add_argument("--data", default="default", help="corpus spec (see `dlm train --help`)")
+    tt.add_argument("--split", default="train")
+    tt.add_argument("--text-field", default="text")
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--min-frequency", type=int, default=2)
+    tt.add_argument("--out", required=True, help="output directory (a transformers tokenizer)")
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    tr = sub.add_parser("train", help="pretrain MDLM / RADD / AR with DeepSpeed",
+                        description=TRAIN_DESCRIPTION,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(tr)
+    tr.set_defaults(func=cmd_train)
+
+    pp = sub.add_parser("ppl", help="perplexity (NELBO bound for diffusion, exact for AR)")
+    pp.add_argument("model", help="model directory (OUTPUT_DIR/model of `dlm train`)")
+    pp.add_argument("--data", default="default")
+    pp.add_argument("--split", default="validation")
+    pp.add_argument("--text-field", default="text")
+    pp.add_argument("--pack", default="wrap", choices=["wrap", "pad"])
+    pp.add_argument("--seq-len", type=int, help="default: the training sequence length")
+    pp.add_argument("--tokenizer", help="default: the tokenizer saved with the model")
+    pp.add_argument("--batch-size", type=int, default=16)
+    pp.add_argument("--mc-samples", type=int, default=8, help="Monte Carlo noise draws per sequence (diffusion)")
+    pp.add_argument("--max-batches", type=int, help="score only this many batches")
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    pp.set_defaults(func=cmd_ppl)
+
+    sp = sub.add_parser("sample", help="draw samples (MDLM ancestral sampler / AR)")
+    sp.add_argument("model")
+    sp.add_argument("--prompt", default="")
+    sp.add_argument("-n", type=int, default=4, help="number of samples")
+    sp.add_argument("--length", type=int, default=64, help="new tokens per sample")
+    sp.add_argument("--steps", type=int, help="denoising steps (default: --length)")
+    sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--tokenizer")
+    sp.add_argument("--device")
+    sp.set_defaults(func=cmd_sample)
+
+    ex = sub.add_parser("export", help="export an AR model as a standard LlamaForCausalLM")
+    ex.add_argument("model")
+    ex.add_argument("out")
+    ex.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
+    bt = b.add_parser("train", help="training throughput: AR vs MDLM vs RADD; DeepSpeed vs a plain torch loop")
+    bt.add_argument("--size", default="small")
+    bt.add_argument("--seq-len", type=int, default=256)
+    bt.add_argument("--micro-batch", type=int, default=8)
+    bt.add_argument("--steps", type=int, default=20, help="timed steps per configuration (after warm-up)")
+    bt.add_argument("--warmup", type=int, default=3)
+    bt.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
+    bt.add_argument("--skip-multiproc", action="store_true", help="skip the 2-process DeepSpeed measurement")
+    bt.add_argument("--out", default="evals/results/train_throughput.json")
+    bt.set_defaults(func=cmd_bench_train)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from dlm.errors import DLMError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except DLMError as e:
+        print(f"dlm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

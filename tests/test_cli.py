@@ -1,0 +1,189 @@
+"""The `dlm` command line: help, and every bad input the foundation issue names gets one line on
+stderr naming the problem and the fix, exit code 2, and leaves good checkpoints alone."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dlm.cli import main
+from dlm.training import checkpoint
+from dlm.training.config import TrainConfig
+from dlm.training.trainer import train
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(_k, None)
+
+TINY = ["--size", "debug", "--seq-len", "32", "--micro-batch", "4", "--vocab-size", "300", "--max-steps", "2",
+        "--eval-every", "2", "--eval-batches", "1", "--log-every", "1", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_corpus, tmp_path_factory):
+    """A finished 4-step MDLM run with a checkpoint and an exported model."""
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(data=small_corpus, output_dir=str(out), size="debug", seq_len=32, micro_batch=4,
+                      max_steps=4, vocab_size=300, eval_every=4, eval_batches=1, save_every=4, tensorboard=False))
+    return out
+
+
+def fails_cleanly(capsys, argv, *needles):
+    """Run `dlm argv` in-process; expect exit code 2 and a single 'dlm: error:' line naming `needles`."""
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("dlm: error:")]
+    assert len(lines) == 1, err[-2000:]
+    assert "Traceback" not in err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+def test_help_lists_the_commands():
+    r = subprocess.run([sys.executable, "-m", "dlm.cli", "--help"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0
+    for cmd in ("train", "ppl", "sample", "tokenizer", "export", "bench", "quickstart"):
+        assert cmd in r.stdout
+    r = subprocess.run([sys.executable, "-m", "dlm.cli", "train", "--help"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0 and "--objective" in r.stdout and "--zero-stage" in r.stdout and "--resume" in r.stdout
+
+
+def test_exit_code_through_the_real_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dlm.cli", "train", "--data", str(tmp_path / "nope.jsonl"),
+                        "--output-dir", str(tmp_path / "o"), *TINY], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("dlm: error:")
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_dataset(capsys, tmp_path):
+    fails_cleanly(capsys, ["train", "--data", tmp_path / "missing.jsonl", "--output-dir", tmp_path / "o", *TINY],
+                  "missing.jsonl")
+
+
+def test_empty_dataset(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    fails_cleanly(capsys, ["train", "--data", empty, "--output-dir", tmp_path / "o", *TINY], "empty")
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_non_utf8_file(capsys, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 50)
+    fails_cleanly(capsys, ["train", "--data", bad, "--output-dir", tmp_path / "o", *TINY], "utf-8")
+
+
+def test_unknown_config_key(capsys, tmp_path, small_corpus):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"lr": 1e-3, "learning_rate": 1e-3}))
+    line = fails_cleanly(capsys, ["train", "--config", cfg, "--data", small_corpus, "--output-dir", tmp_path / "o"],
+                         "learning_rate")
+    assert "lr" in line  # the fix: the valid keys are listed
+
+
+def test_config_file_not_json(capsys, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text("{lr: 1")
+    fails_cleanly(capsys, ["train", "--config", cfg, "--output-dir", tmp_path / "o"], "cfg.json")
+
+
+def test_bad_setting_values(capsys, tmp_path, small_corpus):
+    fails_cleanly(capsys, ["train", "--data", small_corpus, "--objective", "gpt", "--output-dir", tmp_path / "o"],
+                  "objective")
+    fails_cleanly(capsys, ["train", "--data", small_corpus, "--size", "huge", "--output-dir", tmp_path / "o"], "size")
+
+
+def test_seq_len_above_model_maximum(capsys, tmp_path, run_dir, small_corpus):
+    model = run_dir / "model"
+    fails_cleanly(capsys, ["ppl", model, "--data", small_corpus, "--seq-len", 4096], "4096", "--seq-len")
+    fails_cleanly(capsys, ["train", "--init-from", model, "--data", small_corpus, "--output-dir", tmp_path / "o",
+                           "--tokenizer", model, *TINY[:2], "--seq-len", "4096"], "4096", "--seq-len")
+    fails_cleanly(capsys, ["sample", model, "--length", 5000], "5000")
+
+
+def test_tokenizer_without_the_models_special_tokens(capsys, tmp_path, run_dir, small_corpus):
+    """A plain BPE tokenizer (no BOS/EOS/PAD/MASK) gets them appended by dlm, at ids the model does
+    not use: scoring with it must be refused, not silently wrong."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(["the cat sat on the mat"] * 20,
+                           trainers.BpeTrainer(vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    plain = tmp_path / "plain-tok"
+    PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(plain)
+    fails_cleanly(capsys, ["ppl", run_dir / "model", "--data", small_corpus, "--tokenizer", plain], "tokenizer")
+    fails_cleanly(capsys, ["sample", run_dir / "model", "--tokenizer", plain], "tokenizer")
+
+
+def test_tokenizer_path_that_is_not_a_tokenizer(capsys, tmp_path, small_corpus):
+    (tmp_path / "junk").mkdir()
+    fails_cleanly(capsys, ["train", "--data", small_corpus, "--tokenizer", tmp_path / "junk",
+                           "--output-dir", tmp_path / "o", *TINY], "tokenizer")
+
+
+def test_checkpoint_from_another_model_type(capsys, tmp_path, small_corpus, run_dir):
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(bert)
+    fails_cleanly(capsys, ["ppl", bert, "--data", small_corpus], "bert")
+    fails_cleanly(capsys, ["train", "--init-from", bert, "--data", small_corpus, "--output-dir", tmp_path / "o",
+                           *TINY], "bert")
+    # A dlm model trained with another objective is refused too.
+    fails_cleanly(capsys, ["train", "--init-from", run_dir / "model", "--tokenizer", run_dir / "model",
+                           "--objective", "ar", "--data", small_corpus, "--output-dir", tmp_path / "o2", *TINY],
+                  "objective")
+
+
+def test_missing_and_corrupt_model_dirs(capsys, tmp_path, small_corpus, run_dir):
+    fails_cleanly(capsys, ["ppl", tmp_path / "nowhere", "--data", small_corpus], "nowhere")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        src = run_dir / "model" / name
+        (broken / name).write_bytes(src.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 100)
+    fails_cleanly(capsys, ["ppl", broken, "--data", small_corpus], "broken")
+
+
+def test_corrupt_checkpoint_on_resume(capsys, tmp_path, small_corpus):
+    out = tmp_path / "run"
+    args = ["train", "--data", small_corpus, "--output-dir", out, *TINY, "--save-every", "2"]
+    assert main([str(a) for a in args]) == 0
+    capsys.readouterr()
+    tag = checkpoint.latest_tag(str(out / "checkpoints"))
+    states = [os.path.join(dp, f) for dp, _, fs in os.walk(out / "checkpoints" / tag) for f in fs if f.endswith(".pt")]
+    assert states
+    for f in states:
+        with open(f, "r+b") as fh:
+            fh.truncate(64)
+    before = sorted(os.listdir(out / "checkpoints"))
+    fails_cleanly(capsys, [*args, "--max-steps", "4", "--resume"], "corrupt", "--resume")
+    assert sorted(os.listdir(out / "checkpoints")) == before
+    assert checkpoint.latest_tag(str(out / "checkpoints")) == tag
+
+
+def test_resume_refuses_changed_run_settings(capsys, tmp_path, small_corpus):
+    out = tmp_path / "run"
+    args = ["train", "--data", small_corpus, "--output-dir", out, *TINY, "--save-every", "2"]
+    assert main([str(a) for a in args]) == 0
+    capsys.readouterr()
+    fails_cleanly(capsys, [*args, "--objective", "ar", "--max-steps", "4", "--resume"], "objective", "--resume")
+    fails_cleanly(capsys, [*args, "--max-steps", "4"], "--resume")  # would overwrite the run
+
+
+def test_sample_and_ppl_work_on_a_trained_model(capsys, run_dir, small_corpus):
+    assert main(["ppl", str(run_dir / "model"), "--data", small_corpus, "--max-batches", "1", "--mc-samples", "2"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["bound"] and res["ppl"] > 1 and res["tokens"] > 0
+    assert main(["sample", str(run_dir / "model"), "-n", "2", "--length", "8", "--prompt", "the cat"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(rows) == 2 and all(r["prompt"] == "the cat" for r in rows)
