@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="end-to-end demo on the embedded corpus (a few minutes on a CPU)")
     q.add_argument("--output-dir", default="runs/quickstart")
-    q.add_argument("--max-steps", type=int, default=300)
+    q.add_argument("--max-steps", type=int, default=600)
     q.add_argument("--size", default="tiny")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_quickstart)

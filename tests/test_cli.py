@@ -12,10 +12,7 @@ from dlm.cli import main
 from dlm.training import checkpoint
 from dlm.training.config import TrainConfig
 from dlm.training.trainer import train
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(_k, None)
+from helpers import child_env
 
 TINY = ["--size", "debug", "--seq-len", "32", "--micro-batch", "4", "--vocab-size", "300", "--max-steps", "2",
         "--eval-every", "2", "--eval-batches", "1", "--log-every", "1", "--no-tensorboard"]
@@ -44,17 +41,17 @@ def fails_cleanly(capsys, argv, *needles):
 
 
 def test_help_lists_the_commands():
-    r = subprocess.run([sys.executable, "-m", "dlm.cli", "--help"], capture_output=True, text=True, env=ENV)
+    r = subprocess.run([sys.executable, "-m", "dlm.cli", "--help"], capture_output=True, text=True, env=child_env())
     assert r.returncode == 0
     for cmd in ("train", "ppl", "sample", "tokenizer", "export", "bench", "quickstart"):
         assert cmd in r.stdout
-    r = subprocess.run([sys.executable, "-m", "dlm.cli", "train", "--help"], capture_output=True, text=True, env=ENV)
+    r = subprocess.run([sys.executable, "-m", "dlm.cli", "train", "--help"], capture_output=True, text=True, env=child_env())
     assert r.returncode == 0 and "--objective" in r.stdout and "--zero-stage" in r.stdout and "--resume" in r.stdout
 
 
 def test_exit_code_through_the_real_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dlm.cli", "train", "--data", str(tmp_path / "nope.jsonl"),
-                        "--output-dir", str(tmp_path / "o"), *TINY], capture_output=True, text=True, env=ENV)
+                        "--output-dir", str(tmp_path / "o"), *TINY], capture_output=True, text=True, env=child_env())
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("dlm: error:")
     assert "Traceback" not in r.stderr

@@ -1,7 +1,6 @@
 """The backbone: masks, caches, time conditioning, presets, save / load, Llama export, bad checkpoints."""
 
 import json
-import os
 
 import pytest
 import torch

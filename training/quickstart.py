@@ -12,7 +12,6 @@ import json
 import os
 import sys
 
-import torch
 
 
 def quickstart(args) -> dict:

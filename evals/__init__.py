@@ -1,0 +1,1 @@
+"""Evaluation scripts and committed results (installed as `dlm.evals`)."""

@@ -1,0 +1,24 @@
+"""Shared helpers for tests that start `dlm` in child processes."""
+
+import os
+import subprocess
+import sys
+
+
+def child_env() -> dict:
+    """The environment for child processes, read at call time (conftest sets the private cache)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def dlm_cli(*args, launcher=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run `python -m dlm.cli ARGS` (or 2 processes under torchrun) and capture its output."""
+    cmd = [sys.executable, "-m", "dlm.cli", *map(str, args)]
+    if launcher == "torchrun2":
+        from dlm.training.distributed import _free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "dlm.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=cwd, timeout=timeout)
