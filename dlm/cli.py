@@ -77,8 +77,8 @@ def cmd_train(args) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
     cfg = cfg.updated(overrides, source="command-line flags")
     out = train(cfg)
-    if out:
-        print(out)
+    if out and int(os.environ.get("RANK", "0")) == 0:
+        print(out)  # the exported model directory, once (rank 0) under a launcher
 
 
 # ------------------------------------------------------------------ tokenizer / corpus
@@ -287,7 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         args.func(args)
     except DLMError as e:
-        print(f"dlm: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # quiet: another rank already printed the cause
+            print(f"dlm: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("dlm: interrupted", file=sys.stderr)

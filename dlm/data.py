@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dlm.errors import DLMError
+from dlm.errors import DLMError, MissingSplitError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _data_files_in_dir(path: Path) -> list[str]:
 def _pick_split(spec: str, by_split: dict[str, list[str]], split: str) -> _Local:
     files = by_split.get(split)
     if not files:
-        raise DLMError(f"{spec} has no {split!r} split (available: {', '.join(by_split) or 'none'}); "
+        raise MissingSplitError(f"{spec} has no {split!r} split (available: {', '.join(by_split) or 'none'}); "
                        f"pass --split with one of those, or add a {split} file")
     builders = {BUILDERS[_suffixes(f)[0]] for f in files}
     if len(builders) > 1:
@@ -244,7 +244,7 @@ def _load_hub(src: _Hub, spec: str, split: str):
                        "name (name:config for a configuration) and the network, or pass a local file or "
                        "directory") from None
     if split not in splits:
-        raise DLMError(f"hub dataset {spec} has no {split!r} split (available: {', '.join(splits)}); "
+        raise MissingSplitError(f"hub dataset {spec} has no {split!r} split (available: {', '.join(splits)}); "
                        "pass --split with one of those")
     return splits[split]
 

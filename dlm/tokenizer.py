@@ -63,7 +63,14 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 4096, min_f
     The 256 byte symbols are always in the vocabulary, so every string encodes and
     `decode(encode(s)) == s`. The special tokens get ids 0..3 (BOS, EOS, PAD, MASK).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     n_min = 256 + len(SPECIAL_TOKENS)

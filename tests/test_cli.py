@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
-
-from dlm.cli import main
 from dlm.training import checkpoint
 from dlm.training.config import TrainConfig
 from dlm.training.trainer import train
 from helpers import child_env
+
+from dlm.cli import main
 
 TINY = ["--size", "debug", "--seq-len", "32", "--micro-batch", "4", "--vocab-size", "300", "--max-steps", "2",
         "--eval-every", "2", "--eval-batches", "1", "--log-every", "1", "--no-tensorboard"]

@@ -11,7 +11,12 @@ import datasets
 import pytest
 
 import dlm.data as data
-from dlm.data import build_lm_dataset, load_text_dataset, resolve_spec, tokenize_and_chunk
+from dlm.data import (
+    build_lm_dataset,
+    load_text_dataset,
+    resolve_spec,
+    tokenize_and_chunk,
+)
 from dlm.errors import DLMError
 from dlm.tokenizer import special_token_ids, train_tokenizer
 

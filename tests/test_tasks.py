@@ -7,8 +7,16 @@ import time
 import pytest
 
 from dlm.errors import DLMError
-from dlm.tasks import (SPLITS, TASKS, Example, generate_examples, get_task, normalize_prediction,
-                       score_predictions, split_of)
+from dlm.tasks import (
+    SPLITS,
+    TASKS,
+    Example,
+    generate_examples,
+    get_task,
+    normalize_prediction,
+    score_predictions,
+    split_of,
+)
 
 REQUIRED = ["add", "sub", "mul", "copy", "reverse", "sort", "lookup", "json"]
 SEPARATOR = {"add": "=", "sub": "=", "mul": "="}  # everything else ends with " ->"

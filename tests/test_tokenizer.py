@@ -10,8 +10,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dlm.errors import DLMError
 from dlm.tokenizer import (
-    BOS, EOS, MASK, PAD, check_tokenizer, load_tokenizer, model_vocab_size, special_token_ids,
-    tokenizer_fingerprint, train_tokenizer,
+    BOS,
+    EOS,
+    MASK,
+    PAD,
+    check_tokenizer,
+    load_tokenizer,
+    model_vocab_size,
+    special_token_ids,
+    tokenizer_fingerprint,
+    train_tokenizer,
 )
 
 WORDS = "the cat sat on a mat while the dog ran in the park and a bird sang over the old red house".split()

@@ -39,9 +39,10 @@ class Runner:
     """One configuration: `step()` runs one optimizer step on a fixed random batch."""
 
     def __init__(self, objective, engine_kind, size, seq_len, micro_batch, world=1, rank=0):
-        from dlm.objectives import make_objective
         from dlm.training.config import TrainConfig, deepspeed_config
         from dlm.training.trainer import lr_lambda
+
+        from dlm.objectives import make_objective
 
         model = _model(objective, size, seq_len)
         self.obj = make_objective(model.config)

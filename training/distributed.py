@@ -7,8 +7,10 @@ goes looking for MPI). Backend: NCCL on CUDA, gloo otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +56,9 @@ def setup() -> DistInfo:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        # DeepSpeed prints a build notice on stdout; keep stdout for results (paths, JSON).
+        with contextlib.redirect_stdout(sys.stderr):
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     return DistInfo(rank, world, local_rank, device)
 
 
@@ -67,3 +71,49 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def rank0_first(fn):
+    """Run `fn` on rank 0, then on the other ranks (which can then read what rank 0 cached).
+
+    Every rank learns whether rank 0 failed, so a failure (bad data, say) ends all of them, rank
+    0 with its error and the others quietly, instead of leaving some waiting for ever.
+    """
+    from dlm.errors import DLMError
+
+    dist = torch.distributed
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank knows
+            error = e
+    failed = error is not None
+    if multi:
+        flag = torch.tensor([1.0 if failed else 0.0], device=_collective_device())
+        dist.broadcast(flag, src=0)
+        failed = bool(flag.item())
+    if error is not None:
+        raise error
+    if rank != 0 and failed:
+        # Input errors are deterministic: this rank meets the same one, which the caller may
+        # handle (a missing split, say). Printing is left to rank 0.
+        try:
+            fn()
+        except DLMError as e:
+            e.quiet = True
+            raise
+        err = DLMError("rank 0 stopped with an error (printed by rank 0)")
+        err.quiet = True
+        raise err
+    if rank != 0:
+        result = fn()
+    return result
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -13,15 +13,15 @@ import os
 import sys
 
 
-
 def quickstart(args) -> dict:
+    from dlm.training.config import TrainConfig
+    from dlm.training.trainer import train
+
     from dlm.data import build_lm_dataset
     from dlm.model import load_model
     from dlm.ppl import perplexity
     from dlm.sample import sample, strip_after_eos
     from dlm.tokenizer import load_tokenizer
-    from dlm.training.config import TrainConfig
-    from dlm.training.trainer import train
 
     out = args.output_dir
     common = dict(

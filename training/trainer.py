@@ -24,11 +24,11 @@ import time
 from typing import Optional
 
 import torch
-
-from dlm.errors import DLMError
 from dlm.training import checkpoint
 from dlm.training import distributed as D
 from dlm.training.config import TrainConfig, deepspeed_config
+
+from dlm.errors import DLMError, MissingSplitError
 
 
 class EMA:
@@ -136,14 +136,16 @@ class Trainer:
             if self.dist.is_main:
                 tok.save_pretrained(tok_dir)
             return tok
-        if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-            if self.dist.is_main:
+
+        def make():  # on rank 0 only; every rank meets at the barrier inside rank0_first
+            if self.dist.is_main and not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
                 from dlm.data import load_text_dataset
 
                 self.log(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {cfg.data}")
                 texts = load_text_dataset(cfg.data, "train", cfg.text_field)["text"]
                 train_tokenizer(texts, tok_dir, vocab_size=cfg.vocab_size)
-            D.barrier()
+
+        D.rank0_first(make)
         tok = load_tokenizer(tok_dir)
         check_tokenizer(tok)
         return tok
@@ -156,19 +158,12 @@ class Trainer:
         def build(split):
             return build_lm_dataset(cfg.data, tok, cfg.seq_len, split=split, mode=cfg.pack, text_field=cfg.text_field)
 
-        # Rank 0 tokenizes and fills the cache; the others then read it.
-        if self.dist.is_main:
-            train = build("train")
-        D.barrier()
-        if not self.dist.is_main:
-            train = build("train")
+        # Rank 0 tokenizes and fills the cache; the others then read it. Every rank reaches the
+        # barrier even when building fails, so an error never leaves a rank waiting.
+        train = D.rank0_first(lambda: build("train"))
         try:
-            if self.dist.is_main:
-                val = build("validation")
-            D.barrier()
-            if not self.dist.is_main:
-                val = build("validation")
-        except DLMError:
+            val = D.rank0_first(lambda: build("validation"))
+        except MissingSplitError:
             # No validation split: hold out the last 2% of the training chunks.
             n_val = max(1, len(train) // 50)
             if len(train) < 2:
@@ -184,7 +179,11 @@ class Trainer:
 
     def build_model(self, tok):
         from dlm.model import DLMConfig, DLMModel, load_model
-        from dlm.tokenizer import check_tokenizer_for_model, model_vocab_size, special_token_ids
+        from dlm.tokenizer import (
+            check_tokenizer_for_model,
+            model_vocab_size,
+            special_token_ids,
+        )
 
         cfg = self.cfg
         ids = special_token_ids(tok)
@@ -461,7 +460,13 @@ class Progress:
 
         self.console = Console(stderr=True)
         if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             from rich.progress import Progress as RichProgress
 
             self.bar = RichProgress(
