@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from typing import Optional
 
 
@@ -58,15 +59,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--config", help="JSON file of training settings (keys = the long flag names with _)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         kw = dict(default=argparse.SUPPRESS, help=f"{HELP.get(f.name, '')} (default: {default})")
-        if isinstance(default, bool):
+        # Optional[int] -> int: the annotation, not the default (often None), gives the type.
+        typ = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+        typ = typ[0]
+        if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            typ = {int: int, float: float}.get(type(default), str)
-            p.add_argument(flag, type=typ, metavar=f.name.upper(), **kw)
+            p.add_argument(flag, type=typ if typ in (int, float) else str, metavar=f.name.upper(), **kw)
 
 
 def cmd_train(args) -> None:

@@ -66,6 +66,8 @@ class DLMConfig(PretrainedConfig):
         time_conditioning: bool = False,
         cond_dim: int = 128,
         block_size: Optional[int] = None,
+        num_decoder_layers: int = 0,
+        attention_backend: str = "auto",
         mask_token_id: Optional[int] = None,
         bos_token_id: Optional[int] = None,
         eos_token_id: Optional[int] = None,
@@ -87,6 +89,8 @@ class DLMConfig(PretrainedConfig):
         self.time_conditioning = time_conditioning
         self.cond_dim = cond_dim
         self.block_size = block_size
+        self.num_decoder_layers = num_decoder_layers
+        self.attention_backend = attention_backend  # auto | sdpa | flex (block masks; see dlm/blocks.py)
         self.mask_token_id = mask_token_id
         super().__init__(
             bos_token_id=bos_token_id,
@@ -107,6 +111,16 @@ class DLMConfig(PretrainedConfig):
             )
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise DLMError("the head dimension must be even for rotary embeddings; change hidden_size or heads")
+        if self.objective in ("bd3lm", "e2d2"):
+            if not self.block_size or self.block_size < 1:
+                raise DLMError(f"{self.objective} needs a block size; pass --block-size (e.g. 4, 8 or 16)")
+            if self.time_conditioning:
+                raise DLMError(f"{self.objective} draws one noise level per block and takes no time input; "
+                               "train it with --no-time-conditioning")
+        if self.objective == "e2d2" and self.num_decoder_layers < 1:
+            raise DLMError("e2d2 needs at least one decoder layer; pass --decoder-layers (e.g. 2)")
+        if self.objective != "e2d2" and self.num_decoder_layers:
+            raise DLMError(f"decoder layers are an e2d2 feature; drop --decoder-layers for {self.objective}")
 
     @property
     def head_dim(self) -> int:
@@ -200,16 +214,48 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.o_proj._dlm_residual = True
 
-    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cache: Optional[KVCache] = None):
+    def _kv(self, x, cos, sin):
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cache: Optional[KVCache] = None, memory=None):
+        """memory: optional (states, cos, sin) of other tokens (E2D2's encoder output, already
+        normalised) whose keys/values go *before* this sequence's own; queries come from x only."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
+        k, v = self._kv(x, cos, sin)
+        if memory is not None:
+            mk, mv = self._kv(*memory)
+            k, v = torch.cat([mk, k], dim=2), torch.cat([mv, v], dim=2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        if _is_block_mask(attn_mask):
+            y = _flex_attention()(q, k, v, block_mask=attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+def _is_block_mask(mask) -> bool:
+    return mask is not None and type(mask).__name__ == "BlockMask"
+
+
+_FLEX = {}
+
+
+def _flex_attention():
+    """flex_attention, compiled once on CUDA (fused kernels); eager elsewhere (reference path)."""
+    if "fn" not in _FLEX:
+        import warnings
+
+        from torch.nn.attention.flex_attention import flex_attention
+
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _FLEX["fn"]
 
 
 class MLP(nn.Module):
@@ -238,9 +284,11 @@ class Block(nn.Module):
         if self.adaLN is not None:
             self.adaLN._dlm_zero_init = True
 
-    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cond=None, cache=None):
+    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cond=None, cache=None, memory=None):
+        if memory is not None:  # (states, cos, sin): normalised like this layer's own input
+            memory = (self.input_layernorm(memory[0]), memory[1], memory[2])
         if self.adaLN is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, memory)
             return x + self.mlp(self.post_attention_layernorm(x))
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(cond)[:, None].chunk(6, dim=-1)
         h = self.input_layernorm(x) * (1 + sc1) + sh1
@@ -282,7 +330,8 @@ class DLMPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.weight)
             elif getattr(module, "_dlm_residual", False):
                 # GPT-2 style: residual output projections scaled by depth keep activations O(1).
-                nn.init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+                depth = self.config.num_hidden_layers + self.config.num_decoder_layers
+                nn.init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * depth))
             else:
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -300,6 +349,13 @@ class DLMModel(DLMPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        # E2D2: a light decoder over the noisy block (layer indices continue after the encoder's,
+        # so one KVCache can hold both).
+        n_enc = config.num_hidden_layers
+        self.decoder_layers = (
+            nn.ModuleList(Block(config, n_enc + i) for i in range(config.num_decoder_layers))
+            if config.num_decoder_layers else None
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.time_conditioning:
@@ -353,6 +409,10 @@ class DLMModel(DLMPreTrainedModel):
             position_ids = torch.arange(past, past + L, device=input_ids.device)
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(B, -1)
+        if _is_block_mask(attn_mask):
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("a FlexAttention BlockMask cannot be combined with padding; use a dense mask")
+            attention_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_ok = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
             if attn_mask is None and is_causal:
@@ -389,6 +449,46 @@ class DLMModel(DLMPreTrainedModel):
             x = x[output_positions]
         logits = self.lm_head(x)
         return DLMOutput(logits=logits, hidden_states=x if return_hidden else None)
+
+
+    def encode(self, input_ids, attn_mask=None, position_ids=None, cache: Optional[KVCache] = None):
+        """E2D2 encoder: hidden states (before the final norm) of the encoder layers."""
+        B, L = input_ids.shape
+        if position_ids is None:
+            past = cache.length if cache is not None else 0
+            position_ids = torch.arange(past, past + L, device=input_ids.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(B, -1)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, False, None, cache)
+        return x
+
+    def decode(self, noisy_ids, memory_states, memory_positions, attn_mask=None, position_ids=None,
+               output_positions: Optional[torch.Tensor] = None) -> DLMOutput:
+        """E2D2 decoder: queries from `noisy_ids`; keys/values = [memory ; own states] per layer.
+
+        attn_mask: boolean (Lq, M + Lq) or (B, 1, Lq, M + Lq) over [memory ; own] keys."""
+        if self.decoder_layers is None:
+            raise DLMError("this model has no decoder layers (it is not an e2d2 model)")
+        B, L = noisy_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(L, device=noisy_ids.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(B, -1)
+        if memory_positions.dim() == 1:
+            memory_positions = memory_positions[None].expand(B, -1)
+        x = self.embed_tokens(noisy_ids)
+        hd, theta = self.config.head_dim, self.config.rope_theta
+        cos, sin = rotary_cos_sin(position_ids, hd, theta, x.dtype)
+        mcos, msin = rotary_cos_sin(memory_positions, hd, theta, x.dtype)
+        for layer in self.decoder_layers:
+            x = layer(x, cos, sin, attn_mask, False, None, None, (memory_states, mcos, msin))
+        x = self.norm(x)
+        if output_positions is not None:
+            x = x[output_positions]
+        return DLMOutput(logits=self.lm_head(x))
 
 
 AutoConfig.register("dlm", DLMConfig)

@@ -33,6 +33,10 @@ class TrainConfig:
     size: str = "tiny"  # preset name from dlm.model.PRESETS
     time_conditioning: bool = False
     radd_loss: str = "lambda"  # lambda | k
+    block_size: Optional[int] = None  # bd3lm / e2d2 block size B' (must divide seq_len)
+    decoder_layers: Optional[int] = None  # e2d2 decoder layers, taken out of the preset's total
+    attention_backend: str = "auto"  # auto | sdpa | flex (block masks of bd3lm / e2d2)
+    noise_window: str = "auto"  # bd3lm / e2d2 clipped schedule: auto (searched on validation), full, or lo,hi
     init_from: Optional[str] = None  # start from the weights of an existing dlm model directory
     # optimisation
     max_steps: int = 1000
@@ -60,8 +64,21 @@ class TrainConfig:
     tensorboard: bool = True  # used when tensorboard is installed
 
     def validate(self) -> None:
-        if self.objective not in ("mdlm", "radd", "ar"):
-            raise DLMError(f"unknown objective {self.objective!r}; use mdlm, radd or ar")
+        if self.objective not in OBJECTIVES:
+            raise DLMError(f"unknown objective {self.objective!r}; use {', '.join(OBJECTIVES)}")
+        if self.objective in ("bd3lm", "e2d2"):
+            if not self.block_size:
+                raise DLMError(f"--objective {self.objective} needs --block-size (e.g. 4, 8 or 16)")
+            if self.block_size < 1 or self.seq_len % self.block_size:
+                raise DLMError(f"--block-size {self.block_size} does not divide --seq-len {self.seq_len}; "
+                               "choose a block size that divides the sequence length")
+            parse_noise_window(self.noise_window)
+        elif self.block_size:
+            raise DLMError(f"--block-size applies to bd3lm and e2d2, not {self.objective}; drop it")
+        if self.attention_backend not in ("auto", "sdpa", "flex"):
+            raise DLMError(f"unknown --attention-backend {self.attention_backend!r}; use auto, sdpa or flex")
+        if self.decoder_layers is not None and self.objective != "e2d2":
+            raise DLMError(f"--decoder-layers applies to e2d2, not {self.objective}; drop it")
         if self.pack not in ("wrap", "pad"):
             raise DLMError(f"unknown --pack {self.pack!r}; use wrap or pad")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -104,6 +121,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+OBJECTIVES = ("mdlm", "radd", "ar", "bd3lm", "e2d2")
+
+
+def parse_noise_window(spec: str) -> Optional[tuple[float, float]]:
+    """'auto' -> None (searched), 'full' -> (0, 1), 'lo,hi' -> (lo, hi) with 0 <= lo < hi <= 1."""
+    if spec == "auto":
+        return None
+    if spec == "full":
+        return (0.0, 1.0)
+    try:
+        lo, hi = (float(x) for x in spec.split(","))
+    except ValueError:
+        lo, hi = -1.0, -1.0
+    if not 0.0 <= lo < hi <= 1.0:
+        raise DLMError(f"--noise-window {spec!r} is not auto, full or 'lo,hi' with 0 <= lo < hi <= 1")
+    return (lo, hi)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool) -> dict:
@@ -157,7 +192,12 @@ HELP = {
     "pack": "wrap: concatenate documents and cut into chunks (BOS/EOS per chunk); pad: one document per row",
     "tokenizer": "tokenizer directory or hub name; default: train a byte-level BPE on the data",
     "vocab_size": "vocabulary size of a tokenizer trained here",
-    "objective": "mdlm | radd | ar",
+    "objective": "mdlm | radd | ar | bd3lm (block diffusion) | e2d2 (encoder-decoder block diffusion)",
+    "block_size": "bd3lm / e2d2 block size B' (divides --seq-len; 1 = AR-like, seq_len = MDLM-like)",
+    "decoder_layers": "e2d2 decoder layers, taken from the preset's layer count (default: layers // 6, at least 1)",
+    "attention_backend": "attention kernel for block masks: auto (FlexAttention on CUDA, SDPA on CPU), sdpa, flex",
+    "noise_window": "bd3lm / e2d2 clipped noise schedule for training: auto (lowest-variance window on "
+                    "validation at each evaluation), full, or lo,hi; the reported NELBO always uses the full range",
     "size": "model size preset (debug, tiny, small, medium, gpt2-small)",
     "time_conditioning": "feed the noise level to the network (MDLM adaLN); off by default as in the MDLM reference",
     "radd_loss": "RADD loss: lambda (lambda-DCE) or k (k-DCE, any-order AR form)",

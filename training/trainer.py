@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from dlm.training import checkpoint
 from dlm.training import distributed as D
-from dlm.training.config import TrainConfig, deepspeed_config
+from dlm.training.config import TrainConfig, deepspeed_config, parse_noise_window
 
 from dlm.errors import DLMError, MissingSplitError
 
@@ -178,7 +178,7 @@ class Trainer:
         return train.with_format("torch"), val.with_format("torch")
 
     def build_model(self, tok):
-        from dlm.model import DLMConfig, DLMModel, load_model
+        from dlm.model import PRESETS, DLMConfig, DLMModel, load_model
         from dlm.tokenizer import (
             check_tokenizer_for_model,
             model_vocab_size,
@@ -195,8 +195,21 @@ class Trainer:
                                f"{cfg.objective!r}; pass the matching objective")
             check_tokenizer_for_model(tok, model.config, where=f"--init-from {cfg.init_from}")
         else:
+            extra = {}
+            if cfg.objective in ("bd3lm", "e2d2"):
+                extra["block_size"] = cfg.block_size
+                extra["attention_backend"] = cfg.attention_backend
+            if cfg.objective == "e2d2":
+                # Same total depth as the other models: the decoder's layers come out of the preset's.
+                total = PRESETS[cfg.size][1] if cfg.size in PRESETS else 0
+                dec = cfg.decoder_layers or max(1, total // 6)
+                if total and not 1 <= dec < total:
+                    raise DLMError(f"--decoder-layers {dec} leaves no encoder layer in the {cfg.size!r} preset "
+                                   f"({total} layers); use 1 to {total - 1}")
+                extra.update(num_hidden_layers=total - dec, num_decoder_layers=dec)
             mcfg = DLMConfig.from_preset(
                 cfg.size,
+                **extra,
                 vocab_size=model_vocab_size(tok),
                 objective=cfg.objective,
                 time_conditioning=cfg.time_conditioning,
@@ -237,6 +250,11 @@ class Trainer:
         train_ds, val_ds = self.setup_data(tok)
         model = self.build_model(tok)
         opts = {"loss_type": cfg.radd_loss} if cfg.objective == "radd" else {}
+        self.search_windows = False
+        if cfg.objective in ("bd3lm", "e2d2"):
+            window = parse_noise_window(cfg.noise_window)
+            self.search_windows = window is None
+            opts["t_range"] = window or (0.0, 1.0)  # full range until the first search
         objective = make_objective(model.config, **opts)
 
         use_bf16 = cfg.precision == "bf16" or (
@@ -253,7 +271,9 @@ class Trainer:
 
         step = 0
         if cfg.resume and self.has_checkpoint():
-            step, _ = checkpoint.load(engine, self.ckpt_dir, ema)
+            step, state = checkpoint.load(engine, self.ckpt_dir, ema)
+            if state.get("noise_window") and hasattr(objective, "t_range"):
+                objective.t_range = tuple(state["noise_window"])
             self.log(f"resumed from step {step}")
         elif cfg.resume:
             self.log(f"--resume: no checkpoint in {self.ckpt_dir} yet, starting fresh")
@@ -318,7 +338,7 @@ class Trainer:
                     progress.note({"step": step, **val})
                 pause = stop_at is not None and step >= stop_at and step < cfg.max_steps
                 if step % cfg.save_every == 0 or self.stop_requested or pause:
-                    checkpoint.save(engine, self.ckpt_dir, step, {"step": step, "config": cfg.to_dict()}, ema,
+                    checkpoint.save(engine, self.ckpt_dir, step, self._state(step, objective), ema,
                                     keep=cfg.keep_checkpoints)
                 if self.stop_requested:
                     progress.close()
@@ -331,26 +351,23 @@ class Trainer:
             progress.close()
             metrics.close()
         if step % cfg.save_every:
-            checkpoint.save(engine, self.ckpt_dir, step, {"step": step, "config": cfg.to_dict()}, ema,
+            checkpoint.save(engine, self.ckpt_dir, step, self._state(step, objective), ema,
                             keep=cfg.keep_checkpoints)
         return self.export(engine, tok, ema)
 
     @torch.no_grad()
-    def evaluate(self, engine, objective, val_ds, ema: Optional[EMA] = None) -> dict:
-        """NELBO (perplexity bound) on a fixed slice of validation data with fixed noise."""
+    def _val_nll(self, engine, objective, val_ds, batches: range, seed: int) -> float:
+        """Mean NELBO per token on validation global batches `batches` under noise seeded by `seed`.
+
+        The evaluated rows and their noise depend only on the global batch size G, never on how
+        it is split into ranks x accumulation steps, so every layout reports the same number.
+        Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively)."""
         cfg = self.cfg
-        W, mb = self.dist.world_size, cfg.micro_batch
-        if ema is not None:
-            ema.swap(engine.module)
-        engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
-        # The evaluated rows and their noise depend only on the global batch size G, never on how
-        # it is split into ranks x accumulation steps, so every layout reports the same number.
-        # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively).
-        accum = cfg.grad_accum
+        W, mb, accum = self.dist.world_size, cfg.micro_batch, cfg.grad_accum
         G = W * mb * accum
-        for b in range(cfg.eval_batches):
-            gen = torch.Generator().manual_seed(10_000_019 + b)
+        total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        for b in batches:
+            gen = torch.Generator().manual_seed(seed + b)
             noise_all = objective.draw_noise(G, cfg.seq_len, gen)
             for a in range(accum):
                 k0 = self.dist.rank * mb * accum + a * mb
@@ -363,12 +380,49 @@ class Trainer:
                 total[0] += out.nll_sum.to(total)
                 total[1] += out.n_tokens.to(total)
         D.all_reduce_sum(total)
+        return (total[0] / total[1]).item()
+
+    def _state(self, step, objective) -> dict:
+        state = {"step": step, "config": self.cfg.to_dict()}
+        if hasattr(objective, "t_range"):
+            state["noise_window"] = list(objective.t_range)
+        return state
+
+    @torch.no_grad()
+    def evaluate(self, engine, objective, val_ds, ema: Optional[EMA] = None) -> dict:
+        """NELBO (perplexity bound) on a fixed slice of validation data with fixed noise, always
+        over the full time range; for block models also re-pick the clipped training window."""
+        if ema is not None:
+            ema.swap(engine.module)
+        engine.eval()
+        window = getattr(objective, "t_range", None)
+        if window is not None:
+            objective.t_range = (0.0, 1.0)
+        nll = self._val_nll(engine, objective, val_ds, range(self.cfg.eval_batches), 10_000_019)
+        extra = {}
+        if window is not None:
+            objective.t_range = window
+            if self.search_windows:
+                objective.t_range = self.search_window(engine, objective, val_ds)
+                extra["noise_window"] = list(objective.t_range)
         engine.train()
         if ema is not None:
             ema.swap(engine.module)
-        nll = (total[0] / total[1]).item()
         key = "val_ppl" if objective.name == "ar" else "val_ppl_bound"
-        return {"val_nll": nll, key: math.exp(min(nll, 50.0))}
+        return {"val_nll": nll, key: math.exp(min(nll, 50.0)), **extra}
+
+    def search_window(self, engine, objective, val_ds, draws: int = 4) -> tuple[float, float]:
+        """BD3-LM's variance reduction: the clipped window [beta, omega] whose training loss has
+        the lowest variance over noise draws on a validation batch (the paper's grid search)."""
+        best, best_var = None, float("inf")
+        for w in NOISE_WINDOWS:
+            objective.t_range = w
+            vals = [self._val_nll(engine, objective, val_ds, range(1), 20_000_003 + 7919 * d) for d in range(draws)]
+            mean = sum(vals) / draws
+            var = sum((v - mean) ** 2 for v in vals) / (draws - 1)
+            if var < best_var:
+                best, best_var = w, var
+        return best
 
     def export(self, engine, tok, ema: Optional[EMA]) -> str:
         """Write OUTPUT_DIR/model (safetensors + config + tokenizer), atomically."""
@@ -402,9 +456,12 @@ def _maybe_float(x):
         return None
 
 
+# Candidate clipped windows for BD3-LM / E2D2 training (a small version of the paper's grid).
+NOISE_WINDOWS = ((0.0, 1.0), (0.3, 0.8), (0.5, 1.0), (0.2, 0.7), (0.45, 0.95), (0.1, 0.6))
+
 # Settings a resumed run must keep: they define the model, the data order or the noise.
 RESUME_FIXED = ("objective", "size", "seq_len", "pack", "data", "text_field", "tokenizer", "vocab_size",
-                "time_conditioning", "radd_loss", "seed", "init_from")
+                "time_conditioning", "radd_loss", "seed", "init_from", "block_size", "decoder_layers")
 
 
 class MetricsWriter:
