@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--warmup", type=int, default=3)
     bt.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
     bt.add_argument("--skip-multiproc", action="store_true", help="skip the 2-process DeepSpeed measurement")
+    bt.add_argument("--blocks", action="store_true",
+                    help="instead: step cost of MDLM vs BD3-LM vs E2D2 at equal total layers "
+                         "(writes evals/results/block_step_cost.json)")
+    bt.add_argument("--block-size", type=int, default=4, help="block size for --blocks")
     bt.add_argument("--out", default="evals/results/train_throughput.json")
     bt.set_defaults(func=cmd_bench_train)
     return p

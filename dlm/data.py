@@ -84,12 +84,19 @@ def cache_root() -> Path:
 
 
 def resolve_spec(spec: str) -> str:
-    """Map the special spec "default" to the embedded corpus directory (written on first use)."""
+    """Map the special specs "default" (text + tasks) and "default-text" (text only) to the
+    embedded corpus's directory (written on first use)."""
     if spec == "default":
         from dlm.corpus import write_default_corpus
 
         out = cache_root() / "corpus-default"
         write_default_corpus(out)
+        return str(out)
+    if spec == "default-text":  # the embedded corpus's natural English only (no task examples)
+        from dlm.corpus import write_default_corpus
+
+        out = cache_root() / "corpus-default-text"
+        write_default_corpus(out, kinds=["natural"])
         return str(out)
     return spec
 
@@ -149,7 +156,7 @@ def _pick_split(spec: str, by_split: dict[str, list[str]], split: str) -> _Local
 
 def _resolve_source(spec: str, split: str):
     """A resolved spec -> _Local (the files of `split`) or _Hub; DLMError if neither."""
-    kinds = "a .txt/.jsonl/.json/.parquet/.csv file, a directory of them, a glob, a hub dataset name, or 'default'"
+    kinds = "a .txt/.jsonl/.json/.parquet/.csv file, a directory of them, a glob, a hub dataset name, 'default' or 'default-text'"
     if any(c in spec for c in "*?["):
         files = sorted(f for f in glob.glob(os.path.expanduser(spec), recursive=True)
                        if os.path.isfile(f) and _suffixes(f)[0])

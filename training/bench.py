@@ -25,26 +25,33 @@ import torch
 OBJECTIVES = ("ar", "mdlm", "radd")
 
 
-def _model(objective: str, size: str, seq_len: int, vocab: int = 4096):
-    from dlm.model import DLMConfig, DLMModel
+def _model(objective: str, size: str, seq_len: int, vocab: int = 4096, block_size: int = 4):
+    from dlm.model import PRESETS, DLMConfig, DLMModel
 
     torch.manual_seed(0)
+    extra = {}
+    if objective in ("bd3lm", "e2d2"):
+        extra["block_size"] = block_size
+    if objective == "e2d2":  # equal total layers: the decoder's come out of the preset's
+        total = PRESETS[size][1]
+        dec = max(1, total // 6)
+        extra.update(num_hidden_layers=total - dec, num_decoder_layers=dec)
     cfg = DLMConfig.from_preset(size, vocab_size=vocab, objective=objective, mask_token_id=vocab - 1,
                                 bos_token_id=0, eos_token_id=1, pad_token_id=2,
-                                max_position_embeddings=max(1024, seq_len))
+                                max_position_embeddings=max(1024, seq_len), **extra)
     return DLMModel(cfg)
 
 
 class Runner:
     """One configuration: `step()` runs one optimizer step on a fixed random batch."""
 
-    def __init__(self, objective, engine_kind, size, seq_len, micro_batch, world=1, rank=0):
+    def __init__(self, objective, engine_kind, size, seq_len, micro_batch, world=1, rank=0, block_size=4):
         from dlm.training.config import TrainConfig, deepspeed_config
         from dlm.training.trainer import lr_lambda
 
         from dlm.objectives import make_objective
 
-        model = _model(objective, size, seq_len)
+        model = _model(objective, size, seq_len, block_size=block_size)
         self.obj = make_objective(model.config)
         self.B, self.L, self.rank, self.world = micro_batch, seq_len, rank, world
         g = torch.Generator().manual_seed(1)
@@ -104,8 +111,10 @@ def _sync(world: int) -> None:
         torch.distributed.barrier()
 
 
-def measure(objectives, kinds, size, seq_len, micro_batch, warmup, steps, repeats, world=1, rank=0) -> dict:
-    runners = {(o, k): Runner(o, k, size, seq_len, micro_batch, world, rank) for o in objectives for k in kinds}
+def measure(objectives, kinds, size, seq_len, micro_batch, warmup, steps, repeats, world=1, rank=0,
+            block_size=4) -> dict:
+    runners = {(o, k): Runner(o, k, size, seq_len, micro_batch, world, rank, block_size)
+               for o in objectives for k in kinds}
     times = {key: [] for key in runners}
     for _ in range(repeats):  # interleave so drifts in machine load hit every configuration alike
         for key, r in runners.items():
@@ -140,6 +149,8 @@ def main(args) -> dict:
 
     D.setup()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.blocks:
+        return blocks_main(args)
     print(f"measuring AR / MDLM / RADD x DeepSpeed / torch: size {args.size}, seq {args.seq_len}, "
           f"batch {args.micro_batch}, {args.repeats} rounds of {args.steps} steps", file=sys.stderr)
     one = measure(OBJECTIVES, ["deepspeed", "torch"], args.size, args.seq_len, args.micro_batch,
@@ -182,7 +193,33 @@ def main(args) -> dict:
     return report
 
 
-def _print_table(report: dict) -> None:
+def blocks_main(args) -> dict:
+    """`dlm bench train --blocks`: step cost per token of MDLM vs BD3-LM vs E2D2 (equal total
+    layers, DeepSpeed, 1 process), one interleaved run. Target: E2D2 <= 0.6 x BD3-LM."""
+    objs = ("mdlm", "bd3lm", "e2d2")
+    print(f"measuring MDLM / BD3-LM / E2D2 (block {args.block_size}): size {args.size}, seq {args.seq_len}, "
+          f"batch {args.micro_batch}, {args.repeats} rounds of {args.steps} steps", file=sys.stderr)
+    one = measure(objs, ["deepspeed"], args.size, args.seq_len, args.micro_batch, args.warmup, args.steps,
+                  args.repeats, block_size=args.block_size)
+    report = {"config": {k: v for k, v in vars(args).items() if k not in ("func",)},
+              "device": "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+              "one_process": one}
+    s = {o: one[f"{o}/deepspeed"]["s_per_step"] for o in objs}
+    report["ratios"] = {"e2d2_step_over_bd3lm": s["e2d2"] / s["bd3lm"], "bd3lm_step_over_mdlm": s["bd3lm"] / s["mdlm"],
+                        "e2d2_step_over_mdlm": s["e2d2"] / s["mdlm"]}
+    _print_table(report, title="ratios (target: E2D2 <= 0.6 x BD3-LM)")
+    out = args.out if args.out != DEFAULT_OUT else "evals/results/block_step_cost.json"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {out}", file=sys.stderr)
+    return report
+
+
+DEFAULT_OUT = "evals/results/train_throughput.json"
+
+
+def _print_table(report: dict, title: str = "ratios (targets: MDLM/RADD <= 1.15 x AR; DeepSpeed <= 1.10 x torch)") -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -193,7 +230,7 @@ def _print_table(report: dict) -> None:
         for name, r in report.get(key, {}).items():
             t.add_row(name, str(procs), f"{r['s_per_step']:.4f}", f"{r['tokens_per_s']:,.0f}")
     Console().print(t)
-    r = Table(title="ratios (targets: MDLM/RADD <= 1.15 x AR; DeepSpeed <= 1.10 x torch)")
+    r = Table(title=title)
     r.add_column("ratio")
     r.add_column("value")
     for k, v in report["ratios"].items():

@@ -186,7 +186,7 @@ def _walk(d: dict, prefix: str = ""):
 
 # Filled by the CLI so `dlm train --help` documents each field from one place.
 HELP = {
-    "data": "training corpus: 'default' (embedded, offline), a .txt/.jsonl/.parquet file, a directory, a glob, or a hub dataset 'name[:config]'",
+    "data": "training corpus: 'default' (embedded, offline; 'default-text' for its English text only), a .txt/.jsonl/.parquet file, a directory, a glob, or a hub dataset 'name[:config]'",
     "text_field": "text column of jsonl/parquet/hub data",
     "seq_len": "tokens per training sequence",
     "pack": "wrap: concatenate documents and cut into chunks (BOS/EOS per chunk); pad: one document per row",
