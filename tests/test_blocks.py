@@ -219,3 +219,18 @@ def test_trained_block_models_improve_the_bound(tmp_path, small_corpus):
         assert m.config.objective == objective and m.config.block_size == 4
         if objective == "e2d2":
             assert m.config.num_decoder_layers == 1 and m.config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("objective", ["bd3lm", "e2d2"])
+def test_block_sampler_fills_blocks_left_to_right(objective):
+    from dlm.sample import sample
+
+    model = model_for(objective, 4, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    prompt = [5, 6, 7, 8, 9]  # BOS + 5 tokens: the prompt ends inside block 1
+    a = sample(model, prompt, n=3, length=11, steps=12, temperature=1.0, seed=3)
+    b = sample(model, prompt, n=3, length=11, steps=12, temperature=1.0, seed=3)
+    assert torch.equal(a.tokens, b.tokens)  # a seed makes it reproducible
+    assert a.tokens.shape == (3, 1 + 5 + 11)
+    assert a.tokens[:, :6].tolist() == [[0, *prompt]] * 3
+    assert not (a.tokens == MASK).any()
+    assert 1 <= a.nfe <= 12
