@@ -27,8 +27,9 @@ def test_ppl_table_smoke(tmp_path, small_corpus):
 
 
 def test_ppl_table_rejects_unknown_models():
-    from dlm.errors import DLMError
     from dlm.evals.ppl_table import main
+
+    from dlm.errors import DLMError
 
     with pytest.raises(DLMError, match="GPT"):
         main(["--models", "GPT"])

@@ -1,0 +1,253 @@
+"""The decoder's policies against a hand-built model whose logits are known, plus batching,
+seeds, stopping and bad input on real (tiny, random) models."""
+
+import math
+
+import pytest
+import torch
+
+from dlm.decode import (
+    DecodeConfig,
+    Decoder,
+    TokenChooser,
+    filter_logits,
+    prophet_threshold,
+    select_factor,
+    select_threshold,
+)
+from dlm.errors import DLMError
+from dlm.model import DLMConfig, DLMModel
+
+V, BOS, EOS, PAD, MASK = 32, 0, 1, 2, 31
+
+
+class KnownModel(torch.nn.Module):
+    """Logits depend only on the absolute position: row p of `table`. So the token each position
+    ends up with, and how confident the model is about it, are known in advance."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.config = DLMConfig(vocab_size=V, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                mask_token_id=MASK, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+                                max_position_embeddings=table.shape[0])
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+        self.calls += 1
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1])[None].expand(input_ids.shape[0], -1)
+        return type("Out", (), {"logits": self.table[position_ids]})()
+
+
+def peaked_table(n_pos: int, winners: list[int], probs: list[float]) -> torch.Tensor:
+    """Position p: token winners[p] with probability probs[p], the rest spread evenly (no MASK)."""
+    t = torch.full((n_pos, V), -1e9)
+    for p in range(n_pos):
+        w, q = winners[p % len(winners)], probs[p % len(probs)]
+        rest = (1 - q) / (V - 2)
+        t[p, :MASK] = math.log(rest)
+        t[p, w] = math.log(q)
+    return t
+
+
+class Recorder(TokenChooser):
+    """The default chooser, also recording the masked positions it was asked about at each step."""
+
+    log: list = []
+
+    def choose(self, logits, rows, positions, canvas, generators):
+        Recorder.log.append(sorted(positions.tolist()))
+        return super().choose(logits, rows, positions, canvas, generators)
+
+
+def commit_order(log: list) -> list:
+    """Positions committed at each step, from the masked sets before each step."""
+    out = []
+    for a, b in zip(log, log[1:] + [[]]):
+        out.append(sorted(set(a) - set(b)))
+    return out
+
+
+def run(model, prompt, cfg, record=False):
+    Recorder.log = []
+    factory = (lambda c: Recorder(c, MASK)) if record else None
+    return Decoder(model, chooser_factory=factory).generate([prompt], cfg)[0]
+
+
+# ---------------------------------------------------------------- policies
+WIN = [5, 6, 7, 8, 9, 10, 11, 12]
+CONF = [0.5, 0.97, 0.6, 0.99, 0.7, 0.3, 0.95, 0.8]
+
+
+def test_greedy_takes_the_argmax_of_every_position():
+    model = KnownModel(peaked_table(32, WIN, CONF))
+    res = run(model, [3, 4], DecodeConfig(max_new_tokens=8))
+    # prompt = BOS + 2 tokens: generation starts at position 3
+    assert res.tokens == [WIN[(3 + i) % 8] for i in range(8)]
+    assert res.finish_reason == "length" and res.stats["nfe"] == 8  # one token per step
+
+
+def test_confidence_policy_commits_most_confident_first():
+    model = KnownModel(peaked_table(32, WIN, CONF))
+    run(model, [3], DecodeConfig(max_new_tokens=8), record=True)
+    order = commit_order(Recorder.log)
+    expect = sorted(range(2, 10), key=lambda p: -CONF[p % 8])
+    assert [o[0] for o in order] == expect
+
+
+def test_margin_and_entropy_policies_follow_their_scores():
+    model = KnownModel(peaked_table(32, WIN, CONF))
+    for policy in ("margin", "entropy"):
+        run(model, [3], DecodeConfig(max_new_tokens=8, unmask=policy), record=True)
+        order = [o[0] for o in commit_order(Recorder.log)]
+        # one peak + flat rest: margin and -entropy are both increasing in the peak probability
+        assert order == sorted(range(2, 10), key=lambda p: -CONF[p % 8]), policy
+
+
+def test_fixed_k_by_steps():
+    model = KnownModel(peaked_table(32, WIN, CONF))
+    res = run(model, [3], DecodeConfig(max_new_tokens=8, steps=2), record=True)
+    assert res.stats["nfe"] == 2 and [len(o) for o in commit_order(Recorder.log)] == [4, 4]
+
+
+def test_threshold_policy():
+    model = KnownModel(peaked_table(32, WIN, CONF))
+    res = run(model, [3], DecodeConfig(max_new_tokens=8, unmask="threshold", threshold=0.9), record=True)
+    order = commit_order(Recorder.log)
+    high = [p for p in range(2, 10) if CONF[p % 8] >= 0.9]
+    assert order[0] == sorted(high)  # all confident ones at once
+    assert all(len(o) == 1 for o in order[1:])  # then the single best each step
+    assert res.stats["nfe"] == 1 + (8 - len(high))
+    assert res.tokens == [WIN[(2 + i) % 8] for i in range(8)]
+
+
+def test_factor_rule_matches_its_definition():
+    conf = torch.tensor([0.99, 0.95, 0.9, 0.6, 0.3])
+    # (n+1)(1-c_n): n=1: 2*0.01=0.02, n=2: 3*0.05=0.15, n=3: 4*0.1=0.4, n=4: 5*0.4=2.0 -> with f=1, n=3
+    assert select_factor(conf, 1.0).tolist() == [True, True, True, False, False]
+    assert select_factor(torch.tensor([0.2, 0.1]), 1.0).tolist() == [True, False]  # at least one
+    assert select_threshold(torch.tensor([0.2, 0.5]), 0.9).tolist() == [False, True]
+
+
+def test_random_policy_is_seeded():
+    model = KnownModel(peaked_table(32, WIN, CONF))
+    run(model, [3], DecodeConfig(max_new_tokens=8, unmask="random", seed=1), record=True)
+    a = commit_order(Recorder.log)
+    run(model, [3], DecodeConfig(max_new_tokens=8, unmask="random", seed=1), record=True)
+    assert commit_order(Recorder.log) == a
+    run(model, [3], DecodeConfig(max_new_tokens=8, unmask="random", seed=2), record=True)
+    assert commit_order(Recorder.log) != a
+
+
+def test_ancestral_policy_reveals_everything_in_its_steps():
+    model = KnownModel(peaked_table(32, WIN, CONF))
+    res = run(model, [3], DecodeConfig(max_new_tokens=8, unmask="ancestral", steps=4))
+    assert res.tokens == [WIN[(2 + i) % 8] for i in range(8)]
+    assert res.stats["nfe"] <= 4
+
+
+def test_semi_autoregressive_blocks_go_left_to_right():
+    model = KnownModel(peaked_table(32, WIN, CONF))
+    run(model, [3], DecodeConfig(max_new_tokens=8, block_length=4), record=True)
+    order = [o[0] for o in commit_order(Recorder.log)]
+    assert set(order[:4]) == {2, 3, 4, 5} and set(order[4:]) == {6, 7, 8, 9}
+
+
+def test_prophet_early_commit_fills_the_block_or_answer():
+    # logit gaps of ~ln(0.99 / 0.0003) ~ 8 > 7.5: commit everything at the first step
+    model = KnownModel(peaked_table(32, WIN, [0.99]))
+    res = run(model, [3], DecodeConfig(max_new_tokens=8, block_length=4, early_commit=True))
+    assert res.stats["nfe"] == 2 and res.tokens == [WIN[(2 + i) % 8] for i in range(8)]
+    res = run(model, [3], DecodeConfig(max_new_tokens=8, block_length=4, early_commit=True,
+                                       early_commit_scope="answer"))
+    assert res.stats["nfe"] == 1 and res.tokens == [WIN[(2 + i) % 8] for i in range(8)]
+    # gap ln(0.3 / (0.7 / 30)) = 2.55: only the last third's threshold (2.5) lets it through, at
+    # step 6 of 8 (progress 0.75); a gap of ln(0.2 / (0.8 / 30)) = 2.01 never does
+    model = KnownModel(peaked_table(32, WIN, [0.3]))
+    assert run(model, [3], DecodeConfig(max_new_tokens=8, early_commit=True)).stats["nfe"] == 6
+    model = KnownModel(peaked_table(32, WIN, [0.2]))
+    assert run(model, [3], DecodeConfig(max_new_tokens=8, early_commit=True)).stats["nfe"] == 8
+    assert prophet_threshold(0.1) == 7.5 and prophet_threshold(0.5) == 5.0 and prophet_threshold(0.9) == 2.5
+
+
+# ---------------------------------------------------------------- sampling
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 1.0, 2, None)[0, 2:]).all()
+    kept = ~torch.isinf(filter_logits(logits, 1.0, None, 0.8)[0])
+    assert kept.tolist() == [True, True, False, False]
+    kept = ~torch.isinf(filter_logits(logits, 1.0, None, 0.81)[0])
+    assert kept.tolist() == [True, True, True, False]
+
+
+def test_temperature_sampling_follows_the_distribution():
+    q = 0.7
+    model = KnownModel(peaked_table(8, [5], [q]))
+    hits = 0
+    for seed in range(200):
+        res = run(model, [3], DecodeConfig(max_new_tokens=1, temperature=1.0, seed=seed))
+        hits += res.tokens[0] == 5
+    assert abs(hits / 200 - q) < 0.1
+
+
+# ---------------------------------------------------------------- stopping
+def test_eos_stops_and_is_not_output():
+    win = [5, 6, 7, EOS, 9, 10, 11, 12]
+    model = KnownModel(peaked_table(32, win, [0.9]))
+    res = run(model, [3], DecodeConfig(max_new_tokens=8, block_length=4))
+    # positions 2,3 -> 7, EOS: cut there
+    assert res.tokens == [7] and res.finish_reason == "stop"
+    assert res.stats["nfe"] == 4  # the second block is never generated
+
+
+def test_stop_sequences():
+    model = KnownModel(peaked_table(32, WIN, [0.9]))
+    res = run(model, [3], DecodeConfig(max_new_tokens=8, stop=[[9, 10]]))
+    assert res.tokens == [7, 8] and res.finish_reason == "stop"
+
+
+# ---------------------------------------------------------------- real models
+def real_model(objective="mdlm", block=None, seed=0):
+    torch.manual_seed(seed)
+    extra = {"num_hidden_layers": 1, "num_decoder_layers": 1} if objective == "e2d2" else {}
+    cfg = DLMConfig.from_preset("debug", vocab_size=V, mask_token_id=MASK, bos_token_id=BOS, eos_token_id=EOS,
+                                pad_token_id=PAD, objective=objective, block_size=block,
+                                attention_backend="sdpa", **extra)
+    return DLMModel(cfg).eval()
+
+
+@pytest.mark.parametrize("objective,block", [("mdlm", None), ("radd", None), ("bd3lm", 4), ("e2d2", 4)])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batch_with_different_prompt_lengths_equals_each_alone(objective, block, temperature):
+    model = real_model(objective, block)
+    prompts = [[5, 6, 7, 8, 9], [10], [11, 12, 13]]
+    cfg = DecodeConfig(max_new_tokens=8, block_length=None if block else 4, temperature=temperature, seed=7)
+    dec = Decoder(model)
+    together = dec.generate(prompts, cfg, seeds=[3, 4, 5])
+    for p, s, t in zip(prompts, [3, 4, 5], together):
+        alone = dec.generate([p], cfg, seeds=[s])[0]
+        assert alone.tokens == t.tokens, (p, alone.tokens, t.tokens)
+
+
+def test_bad_input_gets_clear_errors():
+    model = real_model()
+    dec = Decoder(model)
+    with pytest.raises(DLMError, match="empty"):
+        dec.generate([[]], DecodeConfig())
+    with pytest.raises(DLMError, match="max_new_tokens"):
+        dec.generate([[5]], DecodeConfig(max_new_tokens=0))
+    with pytest.raises(DLMError, match="does not divide"):
+        dec.generate([[5]], DecodeConfig(max_new_tokens=10, block_length=4))
+    for tau in (0.0, 1.5, -1):
+        with pytest.raises(DLMError, match="threshold"):
+            dec.generate([[5]], DecodeConfig(threshold=tau))
+    with pytest.raises(DLMError, match="context"):
+        dec.generate([[5] * 1000], DecodeConfig(max_new_tokens=64))
+    with pytest.raises(DLMError, match="unmask"):
+        dec.generate([[5]], DecodeConfig(unmask="best"))
+    with pytest.raises(DLMError, match="token ids"):
+        dec.generate([[V + 5]], DecodeConfig())
+    with pytest.raises(DLMError, match="HF generate"):
+        Decoder(real_model("ar"))
