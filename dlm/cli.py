@@ -174,6 +174,55 @@ def cmd_sample(args) -> None:
     print(f"{args.n} sample(s), {out.nfe} network calls", file=sys.stderr)
 
 
+def cmd_generate(args) -> None:
+    from dlm.decode import DecodeConfig, Decoder
+    from dlm.errors import DLMError
+    from dlm.model import load_model
+    from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
+
+    model = load_model(args.model).to(_device(args.device))
+    tok = load_tokenizer(args.tokenizer or args.model)
+    check_tokenizer_for_model(tok, model.config)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise DLMError("no prompt: pass --prompt TEXT (repeatable) or prompts on stdin, one per line")
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    cfg = DecodeConfig(
+        max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps, unmask=args.unmask,
+        threshold=args.threshold, factor=args.factor, early_commit=args.early_commit,
+        early_commit_scope=args.early_commit_scope, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, stop=[tok.encode(s, add_special_tokens=False) for s in args.stop or []],
+        stop_at_eos=not args.ignore_eos,
+    )
+    dec = Decoder(model)
+    on_step, live = None, None
+    if args.show and sys.stderr.isatty():
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+
+        mask = model.config.mask_token_id
+        live = Live(console=Console(stderr=True), refresh_per_second=20, transient=False)
+        live.start()
+
+        def on_step(rows, answers):
+            text = Text()
+            for r, a in zip(rows, answers):
+                text.append(f"[{r}] {prompts[r]}", style="bold")
+                for t in a:
+                    text.append("_" if t == mask else tok.decode([t]), style="dim" if t == mask else "green")
+                text.append("\n")
+            live.update(text)
+    try:
+        results = dec.generate(ids, cfg, on_step=on_step)
+    finally:
+        if live is not None:
+            live.stop()
+    for p, r in zip(prompts, results):
+        print(json.dumps({"prompt": p, "completion": tok.decode(r.tokens), "finish_reason": r.finish_reason,
+                          **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.stats.items()}}))
+
+
 def cmd_export(args) -> None:
     from dlm.export import export_llama
 
@@ -230,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="output directory (a transformers tokenizer)")
     tt.set_defaults(func=cmd_tokenizer_train)
 
-    tr = sub.add_parser("train", help="pretrain MDLM / RADD / AR with DeepSpeed",
+    tr = sub.add_parser("train", help="pretrain MDLM / RADD / AR / BD3-LM / E2D2 with DeepSpeed",
                         description=TRAIN_DESCRIPTION,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_args(tr)
@@ -251,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     pp.set_defaults(func=cmd_ppl)
 
-    sp = sub.add_parser("sample", help="draw samples (MDLM ancestral sampler / AR)")
+    sp = sub.add_parser("sample", help="reference samplers (MDLM ancestral, block-by-block, AR)")
     sp.add_argument("model")
     sp.add_argument("--prompt", default="")
     sp.add_argument("-n", type=int, default=4, help="number of samples")
@@ -262,6 +311,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokenizer")
     sp.add_argument("--device")
     sp.set_defaults(func=cmd_sample)
+
+    from dlm.decode import UNMASK_POLICIES
+
+    g = sub.add_parser("generate", help="decode with the fast diffusion decoder (policies as flags)",
+                       description="Generate text from a diffusion model (MDLM, RADD, BD3-LM, E2D2) with the "
+                                   "dlm decoder. One JSON line per prompt on stdout: completion, finish_reason, "
+                                   "NFE, tokens per forward, timings.")
+    g.add_argument("model", help="model directory")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable; default: one per line on stdin)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--block-length", type=int, help="semi-AR block length (divides --max-new-tokens); default: "
+                   "the whole answer, or the model's block size for BD3-LM / E2D2")
+    g.add_argument("--steps", type=int, help="denoising steps for fixed-k policies (default: one token per step)")
+    g.add_argument("--unmask", default="confidence", choices=UNMASK_POLICIES, help="which masks to commit per step")
+    g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold tau for --unmask threshold")
+    g.add_argument("--factor", type=float, default=1.0, help="f of the factor rule for --unmask factor")
+    g.add_argument("--early-commit", action="store_true", help="Prophet early commit (top-2 gap rule)")
+    g.add_argument("--early-commit-scope", default="block", choices=["block", "answer"])
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the i-th gets seed + i)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
+    g.add_argument("--show", action="store_true", help="show the canvas filling in (on a terminal)")
+    g.add_argument("--tokenizer")
+    g.add_argument("--device")
+    g.set_defaults(func=cmd_generate)
 
     ex = sub.add_parser("export", help="export an AR model as a standard LlamaForCausalLM")
     ex.add_argument("model")

@@ -221,7 +221,11 @@ class Decoder:
     # -------------------------------------------------------------- public
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], config: Optional[DecodeConfig] = None,
-                 seeds: Optional[Sequence[int]] = None) -> list[DecodeResult]:
+                 seeds: Optional[Sequence[int]] = None, on_step=None) -> list[DecodeResult]:
+        """Decode every prompt. `seeds[i]` (default config.seed + i) seeds request i alone.
+        `on_step(rows, answers)`, if given, is called after every network call with the request
+        indices and their answer regions (token lists, MASK where still undecided): for progress
+        displays and streaming."""
         config = config or DecodeConfig()
         if not prompts:
             return []
@@ -234,13 +238,14 @@ class Decoder:
             results: list[Optional[DecodeResult]] = [None] * len(prompts)
             for idx in groups.values():
                 sub = self._generate([prompts[i] for i in idx], config,
-                                     [seeds[i] if seeds else config.seed + i for i in idx])
+                                     [seeds[i] if seeds else config.seed + i for i in idx], on_step, idx)
                 for i, r in zip(idx, sub):
                     results[i] = r
             return results  # type: ignore[return-value]
-        return self._generate(prompts, config, [seeds[i] if seeds else config.seed + i for i in range(len(prompts))])
+        return self._generate(prompts, config, [seeds[i] if seeds else config.seed + i for i in range(len(prompts))],
+                              on_step, list(range(len(prompts))))
 
-    def _generate(self, prompts, config: DecodeConfig, seeds) -> list[DecodeResult]:
+    def _generate(self, prompts, config: DecodeConfig, seeds, on_step=None, ids=None) -> list[DecodeResult]:
         cfg, dev = self.cfg, self.device
         N = config.max_new_tokens
         config.validate(cfg.block_size if self.block_model else None)
@@ -331,6 +336,8 @@ class Decoder:
                                                s=(block_steps - s_in_block - 1) / block_steps, sched=sched)
                 if bool(commit.any()):
                     canvas[rows[commit], lo + cols[commit]] = tokens[commit]
+                if on_step is not None:
+                    on_step(ids, canvas[:, P : P + N].tolist())
             # Rows whose finished block holds EOS (or a stop sequence) stop generating.
             for r in range(B):
                 if not done[r] and self._stopped(canvas[r, P:hi].tolist(), config):

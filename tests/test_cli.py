@@ -184,3 +184,17 @@ def test_sample_and_ppl_work_on_a_trained_model(capsys, run_dir, small_corpus):
     assert main(["sample", str(run_dir / "model"), "-n", "2", "--length", "8", "--prompt", "the cat"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(rows) == 2 and all(r["prompt"] == "the cat" for r in rows)
+
+
+def test_generate_decodes_and_rejects_bad_settings(capsys, run_dir):
+    model = str(run_dir / "model")
+    assert main(["generate", model, "--prompt", "the cat", "--prompt", "a dog", "--max-new-tokens", "8",
+                 "--block-length", "4", "--unmask", "threshold", "--threshold", "0.5"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["prompt"] for r in rows] == ["the cat", "a dog"]
+    assert all(r["nfe"] >= 1 and r["finish_reason"] in ("stop", "length") for r in rows)
+    fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--max-new-tokens", "10", "--block-length", "4"],
+                  "does not divide")
+    fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--unmask", "threshold", "--threshold", "1.5"],
+                  "threshold")
+    fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--max-new-tokens", "5000"], "context")
