@@ -29,8 +29,16 @@ chooser of later issues can drive or replace them):
   nothing after EOS is output); stop token sequences.
 * Statistics per request: network calls (NFE), tokens per forward, wall time per phase.
 
-Caching (prefix / dual / exact) plugs into `_forward`; this version recomputes the whole canvas
-at every step (the vanilla decoder every fast configuration is measured against).
+* Cache (`cache`): "none" recomputes the whole canvas at every step (the vanilla decoder every
+  fast configuration is measured against). For bidirectional models (MDLM, RADD), Fast-dLLM's
+  approximate caches, refreshed by one full forward at the start of every block: "prefix" keeps
+  the K/V of everything before the block and feeds the block and the rest; "dual" also keeps the
+  K/V after the block and feeds the block only. For block models (BD3-LM, E2D2) "exact": the
+  clean finished blocks are encoded once (BD3-LM: their K/V in every layer; E2D2: the encoder's
+  states) and each denoising step feeds only the current block. That is the model's own
+  factorisation, so the tokens are identical to the uncached decoder's. Output reuse when
+  nothing changed is automatic: a step always commits at least one token, except an ancestral
+  step, after which the previous logits are reused (the networks take no time input).
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ class DecodeConfig:
     seed: int = 0
     stop: Sequence[Sequence[int]] = ()
     stop_at_eos: bool = True
+    cache: str = "none"  # none | prefix | dual (MDLM, RADD) | exact (BD3-LM, E2D2)
 
     def validate(self, block_size: Optional[int] = None) -> None:
         if self.max_new_tokens < 1:
@@ -91,6 +100,10 @@ class DecodeConfig:
             raise DLMError(f"early_commit_scope must be 'block' or 'answer', got {self.early_commit_scope!r}")
         if any(len(s) == 0 for s in self.stop):
             raise DLMError("stop sequences must not be empty")
+        allowed = ("none", "exact") if block_size is not None else ("none", "prefix", "dual")
+        if self.cache not in allowed:
+            kind = "block models (BD3-LM, E2D2)" if block_size is not None else "bidirectional models (MDLM, RADD)"
+            raise DLMError(f"cache {self.cache!r} is not available for {kind}; use one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -209,14 +222,90 @@ class Decoder:
             self.objective = make_objective(self.cfg)
 
     # -------------------------------------------------------------- network
-    def _forward(self, canvas: torch.Tensor, pad: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits (B, L, V) for the whole canvas; rows are left-padded by `pad` (B,) tokens."""
+    def _full_logits(self, canvas: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        """Logits (B, L, V) of the whole canvas (rows left-padded: position -1)."""
         if self.block_model:
             out_pos = torch.ones_like(canvas, dtype=torch.bool)
             return self.objective.masked_logits(self.model, canvas, canvas, None, out_pos).view(*canvas.shape, -1)
         am = (positions >= 0).long()
         return self.model(canvas, attention_mask=None if bool(am.all()) else am,
-                          position_ids=positions.clamp(min=0)).logits
+                          position_ids=positions.clamp(min=0), cache=cache, sigma=self._sigma(canvas)).logits
+
+    def _sigma(self, canvas):
+        """Noise level for time-conditioned MDLM: t = the masked fraction of the answer region."""
+        if not self.cfg.time_conditioning:
+            return None
+        region = canvas[:, self._answer_start:]
+        t = (region == self.cfg.mask_token_id).float().mean(-1).clamp(min=1e-3)
+        return LogLinearSchedule().sigma(t)
+
+    def _block_logits(self, st: dict, canvas, positions, lo: int, hi: int, refresh: bool) -> torch.Tensor:
+        """Logits for canvas columns [lo, END) where END = hi for dual / exact caches and the end
+        of the canvas otherwise (answer-scope early commit reads past the block)."""
+        mode = st["mode"]
+        if mode == "none":
+            return self._full_logits(canvas, positions)[:, lo:]
+        if mode in ("prefix", "dual"):
+            if refresh:  # one full forward; keep every layer's K/V of the whole canvas
+                from dlm.model import KVCache
+
+                st["kv"] = KVCache(self.cfg.num_hidden_layers)
+                return self._full_logits(canvas, positions, cache=st["kv"])[:, lo:]
+            return self._cached_step(st["kv"], canvas, positions, lo, hi if mode == "dual" else canvas.shape[1])
+        return self._exact_step(st, canvas, lo, hi)
+
+    def _cached_step(self, kv, canvas, positions, lo: int, hi: int) -> torch.Tensor:
+        """Feed columns [lo, hi) only; the other columns' keys/values come from the last refresh
+        (approximate: they were computed when the fed tokens had other values)."""
+        from dlm.model import KVCache
+
+        view = KVCache(len(kv.k))
+        view.k = [torch.cat([k[:, :, :lo], k[:, :, hi:]], dim=2) for k in kv.k]
+        view.v = [torch.cat([v[:, :, :lo], v[:, :, hi:]], dim=2) for v in kv.v]
+        view.commit = False
+        am = (positions >= 0).long()
+        key_am = torch.cat([am[:, :lo], am[:, hi:], am[:, lo:hi]], dim=1)
+        out = self.model(canvas[:, lo:hi], attention_mask=None if bool(key_am.all()) else key_am,
+                         position_ids=positions[:, lo:hi].clamp(min=0), cache=view, sigma=self._sigma(canvas))
+        return out.logits
+
+    def _exact_step(self, st: dict, canvas, lo: int, hi: int) -> torch.Tensor:
+        """Block models: encode finished clean blocks once, then feed only the current block."""
+        from dlm.model import KVCache
+
+        bs = self.cfg.block_size
+        b0 = (lo // bs) * bs  # the block's first column (the prompt may fill its beginning)
+        dev = canvas.device
+        done = st.setdefault("clean_len", 0)
+        if done < b0:  # append clean blocks [done, b0): block-causal among themselves, see all cached
+            new = canvas[:, done:b0]
+            n = b0 - done
+            blk = torch.arange(done, b0, device=dev) // bs
+            mask = torch.cat([torch.ones(n, done, dtype=torch.bool, device=dev), blk[None, :] <= blk[:, None]], dim=1)
+            pos = torch.arange(done, b0, device=dev)
+            if self.cfg.objective == "e2d2":
+                st.setdefault("enc", KVCache(self.cfg.num_hidden_layers))
+                states = self.model.encode(new, attn_mask=mask, position_ids=pos, cache=st["enc"])
+                st["memory"] = states if done == 0 else torch.cat([st["memory"], states], dim=1)
+            else:
+                st.setdefault("kv", KVCache(self.cfg.num_hidden_layers))
+                st["kv"].commit = True
+                self.model(new, position_ids=pos, attn_mask=mask, cache=st["kv"])
+            st["clean_len"] = b0
+        block = canvas[:, b0 : b0 + bs]
+        pos = torch.arange(b0, b0 + bs, device=dev)
+        if self.cfg.objective == "e2d2":
+            if b0 == 0:
+                mem = torch.zeros(block.shape[0], 0, self.cfg.hidden_size, device=dev, dtype=self.model.dtype)
+            else:
+                mem = st["memory"]
+            logits = self.model.decode(block, mem, torch.arange(b0, device=dev), position_ids=pos).logits
+        else:
+            kv = st.get("kv")
+            if kv is not None:
+                kv.commit = False  # the noisy block's K/V must not persist
+            logits = self.model(block, position_ids=pos, cache=kv).logits
+        return logits[:, lo - b0 : hi - b0]
 
     # -------------------------------------------------------------- public
     @torch.no_grad()
@@ -292,23 +381,31 @@ class Decoder:
         done = torch.zeros(B, dtype=torch.bool)
         nfe, step_i = 0, 0
         t_forward = 0.0
+        st = {"mode": config.cache}
+        self._answer_start = P
+        prev_logits = None
         for lo, hi in blocks:
             if bool(done.all()):
                 break
             width = hi - lo
             block_steps = max(1, round(steps_total * width / gen_len))
+            changed = True
             for s_in_block in range(block_steps * 4 + width):  # generous cap; each step commits >= 1 (or ancestral)
-                region = canvas[:, lo:hi]
+                region = canvas[:, lo:hi].clone()
                 masked = (region == mask_id) & ~done[:, None].to(dev)
                 if not bool(masked.any()):
                     break
-                tf = time.perf_counter()
-                logits = self._forward(canvas, pad, positions)
-                t_forward += time.perf_counter() - tf
-                nfe += 1
+                if changed or prev_logits is None or cfg.time_conditioning:
+                    tf = time.perf_counter()
+                    logits = self._block_logits(st, canvas, positions, lo, hi, refresh=s_in_block == 0)
+                    t_forward += time.perf_counter() - tf
+                    nfe += 1
+                else:  # nothing changed since the last call (ancestral step): reuse its output
+                    logits = prev_logits
+                prev_logits = logits
                 step_i += 1
                 rows, cols = masked.nonzero(as_tuple=True)
-                blk_logits = logits[rows, lo + cols]
+                blk_logits = logits[rows, cols]
                 tokens, conf, probs = chooser.choose(blk_logits, rows.cpu(), (lo + cols).cpu(), canvas, gens)
                 commit = torch.zeros_like(rows, dtype=torch.bool)
                 progress = step_i / max(1, steps_total)
@@ -320,10 +417,12 @@ class Decoder:
                         if gap >= prophet_threshold(progress, config.early_commit_gaps):
                             if config.early_commit_scope == "answer":
                                 # fill every mask of the answer with its argmax in this one step
-                                full = logits[r, P:].clone()
+                                # (dual / exact caches see the block only: they fill the block)
+                                end = lo + logits.shape[1]
+                                full = logits[r].clone()
                                 full[:, mask_id] = float("-inf")
-                                mrow = canvas[r, P:] == mask_id
-                                canvas[r, P:] = torch.where(mrow, full.argmax(-1), canvas[r, P:])
+                                mrow = canvas[r, lo:end] == mask_id
+                                canvas[r, lo:end] = torch.where(mrow, full.argmax(-1), canvas[r, lo:end])
                                 commit[idx] = False
                                 continue
                             commit[idx] = True
@@ -334,8 +433,10 @@ class Decoder:
                                                n_masked=idx.numel(), steps_left=max(1, block_steps - s_in_block),
                                                t=(block_steps - s_in_block) / block_steps,
                                                s=(block_steps - s_in_block - 1) / block_steps, sched=sched)
+                changed = bool(commit.any()) or bool((canvas[:, lo:hi] != region).any())
                 if bool(commit.any()):
                     canvas[rows[commit], lo + cols[commit]] = tokens[commit]
+                    changed = True
                 if on_step is not None:
                     on_step(ids, canvas[:, P : P + N].tolist())
             # Rows whose finished block holds EOS (or a stop sequence) stop generating.

@@ -251,3 +251,79 @@ def test_bad_input_gets_clear_errors():
         dec.generate([[V + 5]], DecodeConfig())
     with pytest.raises(DLMError, match="HF generate"):
         Decoder(real_model("ar"))
+
+
+# ---------------------------------------------------------------- caches
+@pytest.mark.parametrize("objective", ["bd3lm", "e2d2"])
+@pytest.mark.parametrize("unmask,temperature", [("confidence", 0.0), ("threshold", 0.0), ("ancestral", 1.0)])
+def test_exact_cache_gives_identical_tokens(objective, unmask, temperature):
+    model = real_model(objective, 4, seed=1)
+    dec = Decoder(model)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    base = DecodeConfig(max_new_tokens=12, unmask=unmask, threshold=0.2, temperature=temperature, seed=3,
+                        stop_at_eos=False)
+    plain = dec.generate(prompts, base)
+    cached = dec.generate(prompts, DecodeConfig(**{**base.__dict__, "cache": "exact"}))
+    assert [r.tokens for r in plain] == [r.tokens for r in cached]
+    assert cached[0].stats["nfe"] == plain[0].stats["nfe"]
+
+
+@pytest.mark.parametrize("objective", ["bd3lm", "e2d2"])
+def test_exact_cache_logits_match_the_full_computation(objective):
+    model = real_model(objective, 4, seed=2)
+    dec = Decoder(model)
+    canvas = torch.randint(3, MASK, (2, 16))
+    canvas[:, 0] = BOS
+    canvas[:, 9:] = MASK
+    canvas[:, 13] = 7
+    positions = torch.arange(16)[None].expand(2, -1)
+    full = dec._full_logits(canvas, positions)
+    st = {"mode": "exact"}
+    with torch.no_grad():
+        for lo, hi in ((8, 12), (12, 16)):
+            part = dec._block_logits(st, canvas, positions, lo, hi, refresh=True)
+            assert torch.allclose(part, full[:, lo:hi], atol=1e-5)
+
+
+def test_approximate_caches_are_exact_at_refresh_and_close_after():
+    model = real_model("mdlm", seed=3)
+    dec = Decoder(model)
+    canvas = torch.randint(3, MASK, (2, 24))
+    canvas[:, 0] = BOS
+    canvas[:, 8:] = MASK
+    positions = torch.arange(24)[None].expand(2, -1)
+    with torch.no_grad():
+        for mode in ("prefix", "dual"):
+            st = {"mode": mode}
+            dec._answer_start = 8
+            first = dec._block_logits(st, canvas, positions, 8, 16, refresh=True)
+            assert torch.allclose(first, dec._full_logits(canvas, positions)[:, 8:], atol=1e-5)
+            # commit two tokens of the block: the cached K/V of the rest are now stale
+            c2 = canvas.clone()
+            c2[:, 9] = 5
+            c2[:, 12] = 6
+            approx = dec._block_logits(st, c2, positions, 8, 16, refresh=False)
+            exact = dec._full_logits(c2, positions)[:, 8 : 8 + approx.shape[1]]
+            err = (approx - exact).abs().max().item()
+            assert 0 < err < 0.1 * exact.abs().max().item(), (mode, err)
+            # with nothing changed the cached step reproduces the refresh exactly
+            same = dec._block_logits(st, canvas, positions, 8, 16, refresh=False)
+            assert torch.allclose(same, first[:, : same.shape[1]], atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_approximate_caches_decode_batches_like_single_prompts(cache):
+    model = real_model("mdlm", seed=4)
+    dec = Decoder(model)
+    prompts = [[5, 6, 7, 8, 9], [10]]
+    cfg = DecodeConfig(max_new_tokens=8, block_length=4, cache=cache, unmask="threshold", threshold=0.3)
+    together = dec.generate(prompts, cfg)
+    for p, t in zip(prompts, together):
+        assert dec.generate([p], cfg)[0].tokens == t.tokens
+
+
+def test_cache_kinds_are_checked():
+    with pytest.raises(DLMError, match="exact"):
+        Decoder(real_model("mdlm")).generate([[5]], DecodeConfig(cache="exact"))
+    with pytest.raises(DLMError, match="dual"):
+        Decoder(real_model("bd3lm", 4)).generate([[5]], DecodeConfig(cache="dual"))
