@@ -193,6 +193,7 @@ def cmd_generate(args) -> None:
         early_commit_scope=args.early_commit_scope, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=[tok.encode(s, add_special_tokens=False) for s in args.stop or []],
         stop_at_eos=not args.ignore_eos,
+        cache=("exact" if model.config.objective in ("bd3lm", "e2d2") else "none") if args.cache == "auto" else args.cache,
     )
     dec = Decoder(model)
     on_step, live = None, None
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the i-th gets seed + i)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
+    g.add_argument("--cache", default="auto", choices=["auto", "none", "prefix", "dual", "exact"],
+                   help="K/V cache: prefix / dual (approximate, MDLM and RADD), exact (BD3-LM, E2D2); "
+                        "auto = exact for block models, none otherwise")
     g.add_argument("--show", action="store_true", help="show the canvas filling in (on a terminal)")
     g.add_argument("--tokenizer")
     g.add_argument("--device")

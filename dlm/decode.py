@@ -251,18 +251,22 @@ class Decoder:
 
                 st["kv"] = KVCache(self.cfg.num_hidden_layers)
                 return self._full_logits(canvas, positions, cache=st["kv"])[:, lo:]
-            return self._cached_step(st["kv"], canvas, positions, lo, hi if mode == "dual" else canvas.shape[1])
+            return self._cached_step(st, canvas, positions, lo, hi if mode == "dual" else canvas.shape[1])
         return self._exact_step(st, canvas, lo, hi)
 
-    def _cached_step(self, kv, canvas, positions, lo: int, hi: int) -> torch.Tensor:
+    def _cached_step(self, st: dict, canvas, positions, lo: int, hi: int) -> torch.Tensor:
         """Feed columns [lo, hi) only; the other columns' keys/values come from the last refresh
         (approximate: they were computed when the fed tokens had other values)."""
         from dlm.model import KVCache
 
-        view = KVCache(len(kv.k))
-        view.k = [torch.cat([k[:, :, :lo], k[:, :, hi:]], dim=2) for k in kv.k]
-        view.v = [torch.cat([v[:, :, :lo], v[:, :, hi:]], dim=2) for v in kv.v]
-        view.commit = False
+        if st.get("view_key") != (id(st["kv"]), lo, hi):  # gather the kept K/V once per block
+            kv = st["kv"]
+            view = KVCache(len(kv.k))
+            view.k = [torch.cat([k[:, :, :lo], k[:, :, hi:]], dim=2) for k in kv.k]
+            view.v = [torch.cat([v[:, :, :lo], v[:, :, hi:]], dim=2) for v in kv.v]
+            view.commit = False
+            st["view"], st["view_key"] = view, (id(kv), lo, hi)
+        view = st["view"]
         am = (positions >= 0).long()
         key_am = torch.cat([am[:, :lo], am[:, hi:], am[:, lo:hi]], dim=1)
         out = self.model(canvas[:, lo:hi], attention_mask=None if bool(key_am.all()) else key_am,
