@@ -224,6 +224,30 @@ def cmd_generate(args) -> None:
                           **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.stats.items()}}))
 
 
+def cmd_eval(argv: list[str]) -> int:
+    """`dlm eval ARGS`: lm-eval's own command line with the dlm model registered, --model
+    defaulting to dlm and --include_path to dlm's offline tasks."""
+    try:
+        import lm_eval.__main__ as lm_main
+    except ImportError:
+        from dlm.errors import DLMError
+
+        raise DLMError("lm-eval is not installed; pip install 'dlm[eval]'") from None
+    import dlm.evals.lm_eval_model  # noqa: F401  (registers the "dlm" model)
+    from dlm.evals import TASKS_DIR
+
+    args = list(argv)
+    if args and args[0] == "run":
+        args = args[1:]
+    if not any(a == "--model" or a.startswith("--model=") for a in args):
+        args = ["--model", "dlm", *args]
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+        args += ["--include_path", TASKS_DIR]
+    sys.argv = ["lm-eval", "run", *args]
+    lm_main.cli_evaluate()
+    return 0
+
+
 def cmd_export(args) -> None:
     from dlm.export import export_llama
 
@@ -345,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     ex = sub.add_parser("export", help="export an AR model as a standard LlamaForCausalLM")
+    sub.add_parser("eval", help="lm-eval with the dlm model and offline tasks (lm-eval's own arguments)",
+                   add_help=False)
+
     ex.add_argument("model")
     ex.add_argument("out")
     ex.set_defaults(func=cmd_export)
@@ -367,9 +394,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EVAL_HELP = """usage: dlm eval [lm-eval run arguments]
+
+Runs lm-eval's own command line (`lm-eval run ...`) with the "dlm" model registered. --model
+defaults to dlm and --include_path to dlm's offline tasks (dlm_tasks: the checkable tasks as
+generation with exact match; dlm_mc: multiple choice; dlm_text_ppl: rolling perplexity of
+held-out English). Examples:
+
+  dlm eval --model_args pretrained=runs/mdlm/model,mc_samples=32 --tasks dlm_mc --output_path out/
+  dlm eval --model_args pretrained=runs/mdlm/model,unmask=threshold,cache=dual --tasks dlm_tasks \\
+      --log_samples --output_path out/
+  dlm eval --model_args pretrained=DIR --tasks hellaswag,lambada_openai   # hub tasks, online
+
+Model arguments: pretrained, tokenizer, device, batch_size, mc_samples (Monte Carlo samples of
+the ELBO, default 32), max_length, seed, and the decoder options unmask, threshold, factor,
+block_length, steps, cache, early_commit, early_commit_scope, top_k, top_p. See
+dlm/evals/lm_eval_model.py for what each request type computes.
+"""
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from dlm.errors import DLMError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # lm-eval's own arguments, passed through untouched
+        if argv[1:2] in (["-h"], ["--help"]) or len(argv) == 1:
+            print(EVAL_HELP)
+            return 0
+        try:
+            return cmd_eval(argv[1:])
+        except DLMError as e:
+            print(f"dlm: error: {e}", file=sys.stderr)
+            return e.exit_code
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()

@@ -55,13 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    from dlm.training.config import TrainConfig
+    from dlm.training.trainer import train
+
     from dlm.data import build_lm_dataset
     from dlm.errors import DLMError
     from dlm.model import load_model
     from dlm.ppl import perplexity
     from dlm.tokenizer import load_tokenizer
-    from dlm.training.config import TrainConfig
-    from dlm.training.trainer import train
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
