@@ -260,6 +260,12 @@ def cmd_bench_train(args) -> None:
     bench_main(args)
 
 
+def cmd_bench_decode(args) -> None:
+    from dlm.evals.bench_decode import main as bench_main
+
+    bench_main(args)
+
+
 def cmd_quickstart(args) -> None:
     from dlm.training.quickstart import quickstart
 
@@ -391,6 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--block-size", type=int, default=4, help="block size for --blocks")
     bt.add_argument("--out", default="evals/results/train_throughput.json")
     bt.set_defaults(func=cmd_bench_train)
+    bd = b.add_parser("decode", help="decoding speed and task accuracy: decoder configurations vs vanilla vs AR",
+                      description="Decoding benchmark on the checkable tasks of the embedded corpus (test split): "
+                                  "tokens/s (generated tokens up to EOS), NFE, tokens per forward and accuracy for "
+                                  "each decoder configuration, the vanilla decoder and an AR model of the same size "
+                                  "through HF generate. Warm-up, then timed rounds; ratios from one run.")
+    bd.add_argument("model", help="diffusion model directory")
+    bd.add_argument("--ar-model", help="AR model directory (same size, same data) for the HF generate baseline")
+    bd.add_argument("--lengths", default="256", help="comma-separated generation lengths")
+    bd.add_argument("--configs", help="comma-separated subset of the configurations (default: all)")
+    bd.add_argument("--block-length", type=int, default=32, help="semi-AR block length for MDLM / RADD")
+    bd.add_argument("--n-prompts", type=int, default=16)
+    bd.add_argument("--batch-size", type=int, default=8)
+    bd.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up (median)")
+    bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--out", default="evals/results/decode_bench.json")
+    bd.set_defaults(func=cmd_bench_decode)
     return p
 
 

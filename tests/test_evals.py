@@ -33,3 +33,28 @@ def test_ppl_table_rejects_unknown_models():
 
     with pytest.raises(DLMError, match="GPT"):
         main(["--models", "GPT"])
+
+
+def test_bench_decode_smoke(tmp_path, small_corpus):
+    import argparse
+
+    from dlm.evals.bench_decode import main
+    from dlm.training.config import TrainConfig
+    from dlm.training.trainer import train
+
+    dirs = {}
+    tok = None
+    for obj in ("mdlm", "ar"):
+        dirs[obj] = train(TrainConfig(data=small_corpus, output_dir=str(tmp_path / obj), objective=obj, size="debug",
+                                      seq_len=32, micro_batch=4, max_steps=2, vocab_size=300, eval_every=2,
+                                      eval_batches=1, save_every=2, tensorboard=False, tokenizer=tok))
+        tok = dirs[obj]
+    out = tmp_path / "bench.json"
+    args = argparse.Namespace(model=dirs["mdlm"], ar_model=dirs["ar"], lengths="8", configs="vanilla,threshold+dual",
+                              block_length=4, n_prompts=3, batch_size=2, repeats=1, seed=0, out=str(out))
+    report = main(args)
+    names = {r["config"] for r in report["results"]}
+    assert names == {"vanilla", "threshold+dual", "AR (HF generate)"}
+    for r in report["results"]:
+        assert r["tokens_per_s"] > 0 and 0 <= r["accuracy"] <= 1 and r["nfe"] >= 1
+    assert json.load(open(out))["results"] and (tmp_path / "bench.png").exists()

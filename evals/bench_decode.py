@@ -1,0 +1,182 @@
+"""`dlm bench decode`: decoding speed and task accuracy of diffusion decoder configurations against
+the vanilla decoder and an autoregressive model of the same size (HF generate with its KV cache;
+vLLM when installed), in one run.
+
+    dlm bench decode runs/mdlm/model --ar-model runs/ar/model --lengths 256 --n-prompts 16
+
+Method (gpt-fast): one warm-up pass per configuration, then timed passes; only generated tokens
+up to EOS count. Prompts are the checkable tasks of the embedded corpus (test split), so each
+configuration also gets an accuracy. Configurations are interleaved round by round, and the ratios
+come from the same run. Writes JSON, a rich table and a PNG of tokens/s against accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+# name -> DecodeConfig overrides (block_length / steps are filled per generation length)
+CONFIGS = {
+    "vanilla": dict(unmask="confidence", cache="none"),  # one token per step, no cache
+    "threshold": dict(unmask="threshold", threshold=0.9, cache="none"),
+    "threshold+prefix": dict(unmask="threshold", threshold=0.9, cache="prefix"),
+    "threshold+dual": dict(unmask="threshold", threshold=0.9, cache="dual"),
+    "factor+dual": dict(unmask="factor", factor=1.0, cache="dual"),
+    "early-commit": dict(unmask="confidence", early_commit=True, early_commit_scope="answer", cache="none"),
+    "threshold+dual+early-commit": dict(unmask="threshold", threshold=0.9, cache="dual", early_commit=True),
+}
+BLOCK_CONFIGS = {
+    "vanilla": dict(unmask="confidence", cache="none"),
+    "exact-cache": dict(unmask="confidence", cache="exact"),
+    "threshold+exact": dict(unmask="threshold", threshold=0.9, cache="exact"),
+    "threshold+exact+early-commit": dict(unmask="threshold", threshold=0.9, cache="exact", early_commit=True),
+}
+
+
+def _prompts(n: int, seed: int):
+    from dlm.tasks import generate_examples
+
+    return generate_examples(None, n, seed=seed, split="test")
+
+
+def run_diffusion(model, tok, examples, length: int, overrides: dict, block_length: int, batch_size: int):
+    from dlm.decode import DecodeConfig, Decoder
+
+    dec = Decoder(model)
+    cfg = dict(overrides)
+    if model.config.objective not in ("bd3lm", "e2d2"):
+        cfg.setdefault("block_length", min(block_length, length))
+    preds, gen_tokens, nfe = [], 0, 0
+    t0 = time.perf_counter()
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        ids = [tok.encode(e.prompt, add_special_tokens=False) for e in chunk]
+        res = dec.generate(ids, DecodeConfig(max_new_tokens=length, **cfg))
+        for r in res:
+            preds.append(tok.decode(r.tokens, skip_special_tokens=True))
+            gen_tokens += len(r.tokens)
+        nfe += res[0].stats["nfe"]
+    wall = time.perf_counter() - t0
+    return preds, gen_tokens, nfe, wall
+
+
+def run_hf_generate(llama, tok, examples, length: int, batch_size: int):
+    """The AR baseline through stock transformers generate (KV cache), greedy, stopping at EOS."""
+    preds, gen_tokens, nfe = [], 0, 0
+    eos, bos, pad = tok.eos_token_id, tok.bos_token_id, tok.pad_token_id
+    t0 = time.perf_counter()
+    for ex in examples:  # batch 1: no padding effects on AR speed or output
+        ids = torch.tensor([[bos, *tok.encode(ex.prompt, add_special_tokens=False)]])
+        out = llama.generate(ids, max_new_tokens=length, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        new = out[0, ids.shape[1]:].tolist()
+        if eos in new:
+            new = new[: new.index(eos)]
+        preds.append(tok.decode(new, skip_special_tokens=True))
+        gen_tokens += len(new)
+        nfe += len(new) + 1
+    return preds, gen_tokens, nfe, time.perf_counter() - t0
+
+
+def main(args) -> dict:
+    from dlm.model import load_model
+    from dlm.tasks import score_predictions
+    from dlm.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = load_model(args.model).eval()
+    tok = load_tokenizer(args.model)
+    examples = _prompts(args.n_prompts, args.seed)
+    is_block = model.config.objective in ("bd3lm", "e2d2")
+    table = BLOCK_CONFIGS if is_block else CONFIGS
+    names = [c.strip() for c in args.configs.split(",")] if args.configs else list(table)
+    unknown = [c for c in names if c not in table]
+    if unknown:
+        from dlm.errors import DLMError
+
+        raise DLMError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    llama = None
+    if args.ar_model:
+        from dlm.export import to_llama
+
+        llama = to_llama(load_model(args.ar_model, expect_objective="ar")).eval()
+    report = {"command": "dlm bench decode " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else []),
+              "model": args.model, "objective": model.config.objective, "ar_model": args.ar_model,
+              "n_prompts": len(examples), "device": "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+              "results": []}
+    for length in [int(x) for x in args.lengths.split(",")]:
+        runs = {n: [] for n in names}
+        if llama is not None:
+            runs["AR (HF generate)"] = []
+        outputs = {}
+        for rnd in range(args.repeats + 1):  # round 0 is the warm-up
+            sub = examples[: max(1, args.batch_size)] if rnd == 0 else examples
+            for name in runs:
+                if name == "AR (HF generate)":
+                    out = run_hf_generate(llama, tok, sub, length, args.batch_size)
+                else:
+                    out = run_diffusion(model, tok, sub, length, table[name], args.block_length, args.batch_size)
+                if rnd > 0:
+                    runs[name].append(out)
+                    outputs[name] = out
+        for name, rs in runs.items():
+            preds, gen_tokens, nfe, _ = outputs[name]
+            wall = statistics.median(r[3] for r in rs)
+            acc = score_predictions(examples, preds)
+            report["results"].append({
+                "config": name, "length": length, "tokens_per_s": gen_tokens / wall, "wall_s": wall,
+                "generated_tokens": gen_tokens, "nfe": nfe, "tokens_per_forward": gen_tokens / max(1, nfe),
+                "accuracy": acc["accuracy"], "per_task": acc["per_task"],
+                "settings": table.get(name, {"engine": "transformers generate"}),
+            })
+        base = next(r for r in report["results"] if r["config"] == "vanilla" and r["length"] == length)
+        for r in report["results"]:
+            if r["length"] == length:
+                r["speedup_vs_vanilla"] = r["tokens_per_s"] / base["tokens_per_s"]
+    _print(report)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    _plot(report, os.path.splitext(args.out)[0] + ".png")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return report
+
+
+def _print(report):
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"decoding: {report['model']} ({report['objective']}), {report['n_prompts']} prompts")
+    for c in ("length", "configuration", "tokens/s", "x vanilla", "NFE", "tokens/forward", "accuracy"):
+        t.add_column(c)
+    for r in report["results"]:
+        t.add_row(str(r["length"]), r["config"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_vanilla']:.2f}",
+                  str(r["nfe"]), f"{r['tokens_per_forward']:.2f}", f"{r['accuracy']:.3f}")
+    Console(stderr=True).print(t)
+
+
+def _plot(report, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for length in sorted({r["length"] for r in report["results"]}):
+        rs = [r for r in report["results"] if r["length"] == length]
+        ax.scatter([r["tokens_per_s"] for r in rs], [r["accuracy"] for r in rs], label=f"length {length}")
+        for r in rs:
+            ax.annotate(r["config"], (r["tokens_per_s"], r["accuracy"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens / s")
+    ax.set_ylabel("task accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
