@@ -35,6 +35,7 @@ class TrainConfig:
     radd_loss: str = "lambda"  # lambda | k
     block_size: Optional[int] = None  # bd3lm / e2d2 block size B' (must divide seq_len)
     decoder_layers: Optional[int] = None  # e2d2 decoder layers, taken out of the preset's total
+    max_positions: Optional[int] = None  # context the model supports (default: max(1024, seq_len))
     attention_backend: str = "auto"  # auto | sdpa | flex (block masks of bd3lm / e2d2)
     noise_window: str = "auto"  # bd3lm / e2d2 clipped schedule: auto (searched on validation), full, or lo,hi
     init_from: Optional[str] = None  # start from the weights of an existing dlm model directory
@@ -75,6 +76,8 @@ class TrainConfig:
             parse_noise_window(self.noise_window)
         elif self.block_size:
             raise DLMError(f"--block-size applies to bd3lm and e2d2, not {self.objective}; drop it")
+        if self.max_positions is not None and self.max_positions < self.seq_len:
+            raise DLMError(f"--max-positions {self.max_positions} is below --seq-len {self.seq_len}; raise it")
         if self.attention_backend not in ("auto", "sdpa", "flex"):
             raise DLMError(f"unknown --attention-backend {self.attention_backend!r}; use auto, sdpa or flex")
         if self.decoder_layers is not None and self.objective != "e2d2":
@@ -195,6 +198,7 @@ HELP = {
     "objective": "mdlm | radd | ar | bd3lm (block diffusion) | e2d2 (encoder-decoder block diffusion)",
     "block_size": "bd3lm / e2d2 block size B' (divides --seq-len; 1 = AR-like, seq_len = MDLM-like)",
     "decoder_layers": "e2d2 decoder layers, taken from the preset's layer count (default: layers // 6, at least 1)",
+    "max_positions": "positions the model supports at inference (prompt + generation); default max(1024, seq_len)",
     "attention_backend": "attention kernel for block masks: auto (FlexAttention on CUDA, SDPA on CPU), sdpa, flex",
     "noise_window": "bd3lm / e2d2 clipped noise schedule for training: auto (lowest-variance window on "
                     "validation at each evaluation), full, or lo,hi; the reported NELBO always uses the full range",

@@ -213,7 +213,7 @@ class Trainer:
                 vocab_size=model_vocab_size(tok),
                 objective=cfg.objective,
                 time_conditioning=cfg.time_conditioning,
-                max_position_embeddings=max(1024, cfg.seq_len),
+                max_position_embeddings=cfg.max_positions or max(1024, cfg.seq_len),
                 mask_token_id=ids["mask"],
                 bos_token_id=ids["bos"],
                 eos_token_id=ids["eos"],
@@ -461,7 +461,8 @@ NOISE_WINDOWS = ((0.0, 1.0), (0.3, 0.8), (0.5, 1.0), (0.2, 0.7), (0.45, 0.95), (
 
 # Settings a resumed run must keep: they define the model, the data order or the noise.
 RESUME_FIXED = ("objective", "size", "seq_len", "pack", "data", "text_field", "tokenizer", "vocab_size",
-                "time_conditioning", "radd_loss", "seed", "init_from", "block_size", "decoder_layers")
+                "time_conditioning", "radd_loss", "seed", "init_from", "block_size", "decoder_layers",
+                "max_positions")
 
 
 class MetricsWriter:
