@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
                      "noise_window": windows[-1] if windows else None,
                      "train_wall_s": train_s})
         print(f"   {name}: perplexity {res['ppl']:.2f} ({'bound' if res['bound'] else 'exact'})", file=sys.stderr)
-    report = {"command": "python -m dlm.evals.ppl_table " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": " ".join(["python -m dlm.evals.ppl_table", *(argv if argv is not None else sys.argv[1:])]),
               "settings": vars(args), "rows": rows}
     write_outputs(report, args.out)
     return report
@@ -140,7 +140,7 @@ def write_outputs(report: dict, out_dir: str) -> None:
     ax.bar(names, [r["ppl"] for r in rows], color=colors)
     for i, r in enumerate(rows):
         ax.text(i, r["ppl"], f"{r['ppl']:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("validation perplexity (AR exact, others NELBO bound)")
+    ax.set_ylabel("val. perplexity\n(AR exact, others NELBO bound)", fontsize=9)
     s = report["settings"]
     ax.set_title(f"{s['size']} models, {s['steps']} steps x {s['micro_batch']} x {s['seq_len']} tokens on {s['data']}",
                  fontsize=9)
