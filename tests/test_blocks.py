@@ -213,10 +213,12 @@ def test_trained_block_models_improve_the_bound(tmp_path, small_corpus):
         windows = [r["noise_window"] for r in recs if "noise_window" in r]
         assert windows and all(0 <= w[0] < w[1] <= 1 for w in windows)
         from dlm.model import load_model
-        from dlm.ppl import perplexity  # noqa: F401  (scored by `dlm ppl`, tested in test_cli)
 
         m = load_model(str(out / "model"))
         assert m.config.objective == objective and m.config.block_size == 4
+        from dlm.cli import main
+
+        assert main(["ppl", str(out / "model"), "--data", small_corpus, "--max-batches", "1", "--mc-samples", "2"]) == 0
         if objective == "e2d2":
             assert m.config.num_decoder_layers == 1 and m.config.num_hidden_layers == 1
 
