@@ -84,19 +84,19 @@ def cache_root() -> Path:
 
 
 def resolve_spec(spec: str) -> str:
-    """Map the special specs "default" (text + tasks) and "default-text" (text only) to the
-    embedded corpus's directory (written on first use)."""
+    """Map the special specs "default" (text + tasks), "default-text" (text only) and
+    "default-tasks" (checkable tasks only) to the embedded corpus's directory (written on first use)."""
     if spec == "default":
         from dlm.corpus import write_default_corpus
 
         out = cache_root() / "corpus-default"
         write_default_corpus(out)
         return str(out)
-    if spec == "default-text":  # the embedded corpus's natural English only (no task examples)
+    if spec in ("default-text", "default-tasks"):  # the embedded corpus's English only / tasks only
         from dlm.corpus import write_default_corpus
 
-        out = cache_root() / "corpus-default-text"
-        write_default_corpus(out, kinds=["natural"])
+        out = cache_root() / f"corpus-{spec}"
+        write_default_corpus(out, kinds=["natural"] if spec == "default-text" else ["tasks"])
         return str(out)
     return spec
 
