@@ -224,10 +224,12 @@ class DLMEvalModel(LM):
 
     # -------------------------------------------------------------- generation
     def generate_until(self, requests, disable_tqdm: bool = False):
+        """Requests with the same generation settings are decoded together, `batch_size` at a
+        time (a batch gives each request the output it would get alone; tested in test_decode)."""
         from dlm.decode import DecodeConfig, Decoder
 
-        out = []
         dec = None if self.is_ar else Decoder(self.model)
+        jobs = []  # (index, prompt ids, until, settings key, DecodeConfig kwargs)
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             gk = dict(gen_kwargs or {})
@@ -238,25 +240,36 @@ class DLMEvalModel(LM):
             do_sample = _as_bool(gk.pop("do_sample", False))
             temperature = float(gk.pop("temperature", 0.0)) if do_sample else 0.0
             opts = {**self.decoder_args, **{k: DECODER_ARGS[k](v) for k, v in gk.items() if k in DECODER_ARGS}}
-            prompt = self._encode(context)
             keep = self.max_length - max_new - 1
             if keep < 1:
                 raise DLMError(f"max_gen_toks {max_new} leaves no room for the prompt in {self.max_length} positions")
-            prompt = prompt[-keep:] or [self.cfg.eos_token_id]
-            if self.is_ar:
-                tokens = self._ar_generate(prompt, max_new, temperature, self.seed + i)
-            else:
-                if opts.get("block_length") and max_new % opts["block_length"]:
-                    max_new = -(-max_new // opts["block_length"]) * opts["block_length"]
-                cfg = DecodeConfig(max_new_tokens=max_new, temperature=temperature, seed=self.seed + i,
-                                   stop=[self._encode(s) for s in until if self._encode(s)], **opts)
-                tokens = dec.generate([prompt], cfg)[0].tokens
-            text = self.tok.decode(tokens, skip_special_tokens=True)
-            for s in until:  # token boundaries may hide a stop string: cut on the text too
-                if s and s in text:
-                    text = text[: text.index(s)]
-            out.append(text)
-        return out
+            prompt = self._encode(context)[-keep:] or [self.cfg.eos_token_id]
+            if opts.get("block_length") and max_new % opts["block_length"]:
+                max_new = -(-max_new // opts["block_length"]) * opts["block_length"]
+            kwargs = dict(max_new_tokens=max_new, temperature=temperature,
+                          stop=[self._encode(s) for s in until if self._encode(s)], **opts)
+            jobs.append((i, prompt, until, repr(sorted(kwargs.items())), kwargs))
+        texts: list[str] = [""] * len(jobs)
+        groups: dict[str, list] = {}
+        for job in jobs:
+            groups.setdefault(job[3], []).append(job)
+        for group in groups.values():
+            for b in range(0, len(group), 1 if self.is_ar else self.batch_size_):
+                chunk = group[b : b + (1 if self.is_ar else self.batch_size_)]
+                kw = chunk[0][4]
+                if self.is_ar:
+                    i, prompt = chunk[0][0], chunk[0][1]
+                    outs = [self._ar_generate(prompt, kw["max_new_tokens"], kw["temperature"], self.seed + i)]
+                else:
+                    res = dec.generate([j[1] for j in chunk], DecodeConfig(**kw), seeds=[self.seed + j[0] for j in chunk])
+                    outs = [r.tokens for r in res]
+                for (i, _, until, _, _), tokens in zip(chunk, outs):
+                    text = self.tok.decode(tokens, skip_special_tokens=True)
+                    for s in until:  # token boundaries may hide a stop string: cut on the text too
+                        if s and s in text:
+                            text = text[: text.index(s)]
+                    texts[i] = text
+        return texts
 
     def _ar_generate(self, prompt, max_new, temperature, seed):
         from dlm.sample import sample_ar, strip_after_eos
