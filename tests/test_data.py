@@ -292,3 +292,14 @@ def test_hub_name_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DLMError, match="no-such-user-dlm/no-such-dataset"):
         load_text_dataset("no-such-user-dlm/no-such-dataset:cfg")
+
+
+def test_embedded_corpus_subsets():
+    import json as _json
+
+    from dlm.data import resolve_spec
+
+    for spec, want_task in (("default-tasks", True), ("default-text", False)):
+        path = resolve_spec(spec)
+        first = _json.loads(open(os.path.join(path, "train.jsonl")).readline())
+        assert first["source"].startswith("task:") == want_task, (spec, first)
