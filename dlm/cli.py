@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device")
     sp.set_defaults(func=cmd_sample)
 
-    from dlm.decode import UNMASK_POLICIES
+    from dlm.policies import CACHE_KINDS, UNMASK_POLICIES
 
     g = sub.add_parser("generate", help="decode with the fast diffusion decoder (policies as flags)",
                        description="Generate text from a diffusion model (MDLM, RADD, BD3-LM, E2D2) with the "
@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the i-th gets seed + i)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
-    g.add_argument("--cache", default="auto", choices=["auto", "none", "prefix", "dual", "exact"],
+    g.add_argument("--cache", default="auto", choices=["auto", *CACHE_KINDS],
                    help="K/V cache: prefix / dual (approximate, MDLM and RADD), exact (BD3-LM, E2D2); "
                         "auto = exact for block models, none otherwise")
     g.add_argument("--show", action="store_true", help="show the canvas filling in (on a terminal)")

@@ -52,8 +52,7 @@ import torch
 
 from dlm.errors import DLMError
 from dlm.noise import LogLinearSchedule
-
-UNMASK_POLICIES = ("confidence", "margin", "entropy", "random", "threshold", "factor", "ancestral")
+from dlm.policies import UNMASK_POLICIES
 
 
 @dataclass
