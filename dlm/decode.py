@@ -387,6 +387,9 @@ class Decoder:
         st = {"mode": config.cache}
         self._answer_start = P
         prev_logits = None
+        row_of = list(range(B))  # current row -> request index (finished rows leave the batch)
+        finished: dict[int, torch.Tensor] = {}
+        ids = list(ids) if ids is not None else list(range(B))
         for lo, hi in blocks:
             if bool(done.all()):
                 break
@@ -443,13 +446,28 @@ class Decoder:
                 if on_step is not None:
                     on_step(ids, canvas[:, P : P + N].tolist())
             # Rows whose finished block holds EOS (or a stop sequence) stop generating.
-            for r in range(B):
+            for r in range(canvas.shape[0]):
                 if not done[r] and self._stopped(canvas[r, P:hi].tolist(), config):
                     done[r] = True
+            if bool(done.any()) and not bool(done.all()):
+                # Finished rows leave the batch: later blocks cost only what is still running.
+                for r in done.nonzero(as_tuple=True)[0].tolist():
+                    finished[row_of[r]] = canvas[r].clone()
+                keep = (~done).nonzero(as_tuple=True)[0]
+                kd = keep.to(dev)
+                canvas, positions, pad = canvas[kd], positions[kd], pad[keep]
+                gens = [gens[i] for i in keep.tolist()]
+                row_of = [row_of[i] for i in keep.tolist()]
+                ids = [ids[i] for i in keep.tolist()]
+                done = done[keep]
+                _keep_rows(st, kd)
+                prev_logits = None
+        for r in range(canvas.shape[0]):
+            finished[row_of[r]] = canvas[r]
         wall = time.perf_counter() - t0
         results = []
         for r in range(B):
-            gen = canvas[r, P : P + N].tolist()
+            gen = finished[r][P : P + N].tolist()
             out, reason = self._cut(gen, config)
             results.append(DecodeResult(out, reason, {
                 "nfe": nfe, "generated_tokens": len(out), "tokens_per_forward": len(out) / max(1, nfe),
@@ -499,6 +517,19 @@ class Decoder:
             if i >= 0:
                 end, reason = i, "stop"
         return tokens[:end], reason
+
+
+def _keep_rows(st: dict, keep: torch.Tensor) -> None:
+    """Keep only rows `keep` of every cached tensor in the decoding state."""
+    for key in ("kv", "enc"):
+        cache = st.get(key)
+        if cache is not None:
+            cache.k = [None if k is None else k[keep] for k in cache.k]
+            cache.v = [None if v is None else v[keep] for v in cache.v]
+    if st.get("memory") is not None:
+        st["memory"] = st["memory"][keep]
+    st.pop("view", None)
+    st.pop("view_key", None)
 
 
 def _find(seq: list[int], sub: list[int]) -> int:

@@ -33,9 +33,11 @@ class KnownModel(torch.nn.Module):
                                 mask_token_id=MASK, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
                                 max_position_embeddings=table.shape[0])
         self.calls = 0
+        self.batch_sizes = []
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
         self.calls += 1
+        self.batch_sizes.append(input_ids.shape[0])
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1])[None].expand(input_ids.shape[0], -1)
         return type("Out", (), {"logits": self.table[position_ids]})()
@@ -327,3 +329,35 @@ def test_cache_kinds_are_checked():
         Decoder(real_model("mdlm")).generate([[5]], DecodeConfig(cache="exact"))
     with pytest.raises(DLMError, match="dual"):
         Decoder(real_model("bd3lm", 4)).generate([[5]], DecodeConfig(cache="dual"))
+
+
+def test_finished_rows_leave_the_batch():
+    """Row A meets EOS at absolute position 4 (its third answer token); row B, whose answer starts
+    at position 6, never does. After block 0 only B is decoded, and both outputs equal solo runs."""
+    win = [5] * 32
+    win[4] = EOS
+    model = KnownModel(peaked_table(32, win, [0.9]))
+    dec = Decoder(model)
+    cfg = DecodeConfig(max_new_tokens=8, block_length=4)
+    both = dec.generate([[3], [3, 3, 3, 3, 3]], cfg)
+    assert model.batch_sizes[:4] == [2, 2, 2, 2] and model.batch_sizes[4:] == [1, 1, 1, 1]
+    assert both[0].tokens == [5, 5] and both[0].finish_reason == "stop"
+    assert both[1].tokens == [5] * 8 and both[1].finish_reason == "length"
+    for p, r in zip([[3], [3, 3, 3, 3, 3]], both):
+        assert dec.generate([p], cfg)[0].tokens == r.tokens
+
+
+@pytest.mark.parametrize("objective,block,cache", [("mdlm", None, "dual"), ("mdlm", None, "prefix"),
+                                                    ("bd3lm", 4, "exact"), ("e2d2", 4, "exact")])
+def test_row_removal_keeps_caches_consistent(objective, block, cache):
+    """Random models with EOS made likely: rows finish at different blocks; each output still
+    equals its solo run with the same cache."""
+    model = real_model(objective, block, seed=5)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] += 0.5 * model.lm_head.weight.abs().mean() * torch.randn_like(model.lm_head.weight[EOS])
+    dec = Decoder(model)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19]] if block else [[5, 6], [7], [8, 9, 10]]
+    cfg = DecodeConfig(max_new_tokens=16, block_length=None if block else 4, cache=cache, temperature=1.0)
+    together = dec.generate(prompts, cfg, seeds=[1, 2, 3])
+    for p, sd, t in zip(prompts, [1, 2, 3], together):
+        assert dec.generate([p], cfg, seeds=[sd])[0].tokens == t.tokens
