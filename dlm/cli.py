@@ -112,17 +112,24 @@ def _device(name: Optional[str]):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _model_and_tokenizer(args):
+    """The model in eval mode on --device, and its tokenizer (or --tokenizer, checked to match)."""
+    from dlm.model import load_model
+    from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
+
+    model = load_model(args.model).to(_device(args.device)).eval()
+    tok = load_tokenizer(args.tokenizer or args.model)
+    check_tokenizer_for_model(tok, model.config)
+    return model, tok
+
+
 def cmd_ppl(args) -> None:
     import torch
 
     from dlm.data import build_lm_dataset
-    from dlm.model import load_model
     from dlm.ppl import perplexity
-    from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
-    model = load_model(args.model).to(_device(args.device))
-    tok = load_tokenizer(args.tokenizer or args.model)
-    check_tokenizer_for_model(tok, model.config)
+    model, tok = _model_and_tokenizer(args)
     seq_len = args.seq_len or _trained_seq_len(args.model) or 128
     if seq_len > model.config.max_position_embeddings:
         from dlm.errors import DLMError
@@ -153,15 +160,11 @@ def _trained_seq_len(model_dir: str) -> Optional[int]:
 
 def cmd_sample(args) -> None:
     from dlm.errors import DLMError
-    from dlm.model import load_model
     from dlm.sample import sample, strip_after_eos
-    from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
     if args.length < 1:
         raise DLMError(f"--length must be at least 1, got {args.length}")
-    model = load_model(args.model).to(_device(args.device)).eval()
-    tok = load_tokenizer(args.tokenizer or args.model)
-    check_tokenizer_for_model(tok, model.config)
+    model, tok = _model_and_tokenizer(args)
     prompt = tok.encode(args.prompt, add_special_tokens=False) if args.prompt else []
     if 1 + len(prompt) + args.length > model.config.max_position_embeddings:
         raise DLMError(f"prompt ({len(prompt)} tokens) + --length {args.length} exceeds the model's "
@@ -177,12 +180,8 @@ def cmd_sample(args) -> None:
 def cmd_generate(args) -> None:
     from dlm.decode import DecodeConfig, Decoder
     from dlm.errors import DLMError
-    from dlm.model import load_model
-    from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
-    model = load_model(args.model).to(_device(args.device))
-    tok = load_tokenizer(args.tokenizer or args.model)
-    check_tokenizer_for_model(tok, model.config)
+    model, tok = _model_and_tokenizer(args)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise DLMError("no prompt: pass --prompt TEXT (repeatable) or prompts on stdin, one per line")

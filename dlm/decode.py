@@ -439,10 +439,9 @@ class Decoder:
                                                n_masked=idx.numel(), steps_left=max(1, block_steps - s_in_block),
                                                t=(block_steps - s_in_block) / block_steps,
                                                s=(block_steps - s_in_block - 1) / block_steps, sched=sched)
-                changed = bool(commit.any()) or bool((canvas[:, lo:hi] != region).any())
                 if bool(commit.any()):
                     canvas[rows[commit], lo + cols[commit]] = tokens[commit]
-                    changed = True
+                changed = bool((canvas[:, lo:hi] != region).any())  # commits or an early-commit fill
                 if on_step is not None:
                     on_step(ids, canvas[:, P : P + N].tolist())
             # Rows whose finished block holds EOS (or a stop sequence) stop generating.
@@ -485,7 +484,7 @@ class Decoder:
             return select_factor(conf, config.factor)
         if u == "ancestral":
             tt, ss = torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
-            p = float((sched.alpha(ss) - sched.alpha(tt)) / (1 - sched.alpha(tt))) if t > 0 else 1.0
+            p = float(sched.reveal_prob(tt, ss)) if t > 0 else 1.0
             draw = torch.rand(n_masked, generator=gen, dtype=torch.float64)
             return (draw < p).to(conf.device)
         k = math.ceil(n_masked / steps_left)

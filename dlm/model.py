@@ -136,6 +136,15 @@ class DLMConfig(PretrainedConfig):
         return cls(**kwargs)
 
 
+def e2d2_layer_split(total: int, decoder_layers: Optional[int] = None) -> tuple[int, int]:
+    """(encoder, decoder) layers of an E2D2 model with `total` layers in all; the decoder gets
+    `decoder_layers` or total // 6 (at least 1), as the paper's 10 + 2 at 12 layers."""
+    dec = decoder_layers or max(1, total // 6)
+    if not 1 <= dec < total:
+        raise DLMError(f"--decoder-layers {dec} leaves no encoder layer of {total}; use 1 to {total - 1}")
+    return total - dec, dec
+
+
 @dataclass
 class DLMOutput(ModelOutput):
     logits: torch.Tensor = None

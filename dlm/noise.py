@@ -40,6 +40,11 @@ class LogLinearSchedule:
         """
         return -self.dalpha(t) / self.move_prob(t)
 
+    def reveal_prob(self, t, s):
+        """Probability that a token masked at time t is revealed by time s < t (MDLM eq. 7):
+        (alpha(s) - alpha(t)) / (1 - alpha(t)); 1 at t = 0."""
+        return (self.alpha(s) - self.alpha(t)) / (1 - self.alpha(t))
+
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Total noise -log alpha(t), the time-conditioning input of the network."""
         return -torch.log(self.alpha(t))

@@ -76,7 +76,7 @@ def sample_mdlm(
             nfe += 1
         masked = x == cfg.mask_token_id
         draw = gumbel_argmax(logp, temperature, gen)
-        p_unmask = (sched.alpha(s) - sched.alpha(t)) / (1 - sched.alpha(t))
+        p_unmask = sched.reveal_prob(t, s)
         u = torch.rand(x.shape, generator=gen, dtype=torch.float64).to(device)
         commit = masked & (u < p_unmask[:, None].double())
         if commit.any():
@@ -146,7 +146,7 @@ def sample_blocks(
             xb = x[:, blk * B : (blk + 1) * B]
             masked = xb == cfg.mask_token_id
             draw = gumbel_argmax(logp, temperature, gen)
-            p_unmask = (sched.alpha(s_) - sched.alpha(t)) / (1 - sched.alpha(t))
+            p_unmask = sched.reveal_prob(t, s_)
             u = torch.rand(xb.shape, generator=gen, dtype=torch.float64).to(device)
             commit = masked & (u < p_unmask.double())
             if commit.any():

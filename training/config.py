@@ -104,14 +104,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "TrainConfig":
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise DLMError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise DLMError(f"config file {path} is not valid JSON ({e})") from None
-        return cls().updated(raw, source=path)
+        return cls().updated(_read_json(path, "config file"), source=path)
 
     def updated(self, values: dict, source: str = "overrides") -> "TrainConfig":
         known = set(self.field_names())
@@ -127,6 +120,16 @@ class TrainConfig:
 
 
 OBJECTIVES = ("mdlm", "radd", "ar", "bd3lm", "e2d2")
+
+
+def _read_json(path: str, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DLMError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise DLMError(f"{what} {path} is not valid JSON ({e})") from None
 
 
 def parse_noise_window(spec: str) -> Optional[tuple[float, float]]:
@@ -147,13 +150,7 @@ def parse_noise_window(spec: str) -> Optional[tuple[float, float]]:
 def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool) -> dict:
     """Load the DeepSpeed JSON for this run and fill its "auto" entries from `cfg`."""
     path = cfg.deepspeed_config or os.path.join(CONFIG_DIR, f"zero{cfg.zero_stage}.json")
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except FileNotFoundError:
-        raise DLMError(f"DeepSpeed config {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise DLMError(f"DeepSpeed config {path} is not valid JSON ({e})") from None
+    ds = _read_json(path, "DeepSpeed config")
 
     def fill(d: dict, key: str, value) -> None:
         if d.get(key, "auto") == "auto":

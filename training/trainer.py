@@ -178,7 +178,7 @@ class Trainer:
         return train.with_format("torch"), val.with_format("torch")
 
     def build_model(self, tok):
-        from dlm.model import PRESETS, DLMConfig, DLMModel, load_model
+        from dlm.model import PRESETS, DLMConfig, DLMModel, e2d2_layer_split, load_model
         from dlm.tokenizer import (
             check_tokenizer_for_model,
             model_vocab_size,
@@ -201,12 +201,9 @@ class Trainer:
                 extra["attention_backend"] = cfg.attention_backend
             if cfg.objective == "e2d2":
                 # Same total depth as the other models: the decoder's layers come out of the preset's.
-                total = PRESETS[cfg.size][1] if cfg.size in PRESETS else 0
-                dec = cfg.decoder_layers or max(1, total // 6)
-                if total and not 1 <= dec < total:
-                    raise DLMError(f"--decoder-layers {dec} leaves no encoder layer in the {cfg.size!r} preset "
-                                   f"({total} layers); use 1 to {total - 1}")
-                extra.update(num_hidden_layers=total - dec, num_decoder_layers=dec)
+                if cfg.size in PRESETS:  # (an unknown size is reported by from_preset below)
+                    enc, dec = e2d2_layer_split(PRESETS[cfg.size][1], cfg.decoder_layers)
+                    extra.update(num_hidden_layers=enc, num_decoder_layers=dec)
             mcfg = DLMConfig.from_preset(
                 cfg.size,
                 **extra,
