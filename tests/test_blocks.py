@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import UniformModel
 
 from dlm.blocks import (
     bd3_training_mask,
@@ -165,14 +166,6 @@ def test_flex_attention_gives_the_same_logits_as_sdpa(objective):
 
 
 # ---------------------------------------------------------------- NELBO sanity
-class UniformModel(torch.nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-
-    def forward(self, x, output_positions=None, **kw):
-        logits = torch.zeros(*x.shape, self.config.vocab_size)
-        return type("Out", (), {"logits": logits[output_positions] if output_positions is not None else logits})()
 
 
 def test_uniform_model_bd3_nelbo_is_analytic():

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import UniformModel
 
 from dlm.model import DLMConfig, DLMModel
 from dlm.noise import (
@@ -23,20 +24,6 @@ def tiny(objective="mdlm", **kw):
     cfg = DLMConfig.from_preset("debug", vocab_size=V, mask_token_id=MASK, bos_token_id=0, eos_token_id=1,
                                 pad_token_id=2, objective=objective, **kw)
     return DLMModel(cfg).eval()
-
-
-class UniformModel(torch.nn.Module):
-    """Outputs equal logits everywhere: p(x0 | x_t) is uniform over the V - 1 non-mask tokens."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-
-    def forward(self, x, output_positions=None, **kw):
-        logits = torch.zeros(*x.shape, self.config.vocab_size)
-        if output_positions is not None:
-            logits = logits[output_positions]
-        return type("Out", (), {"logits": logits})()
 
 
 # ---------------------------------------------------------------- schedule and masking
