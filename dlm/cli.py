@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Optional
 
 
@@ -177,7 +178,20 @@ def cmd_sample(args) -> None:
     print(f"{args.n} sample(s), {out.nfe} network calls", file=sys.stderr)
 
 
+def _text_or_file(value):
+    """A flag value given inline or as @PATH."""
+    from dlm.errors import DLMError
+
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text()
+    except OSError as e:
+        raise DLMError(f"cannot read {value[1:]}: {e.strerror}") from None
+
+
 def cmd_generate(args) -> None:
+    from dlm.constraints import ConstraintCompiler, make_constraint
     from dlm.decode import DecodeConfig, Decoder
     from dlm.errors import DLMError
 
@@ -194,6 +208,11 @@ def cmd_generate(args) -> None:
         stop_at_eos=not args.ignore_eos,
         cache=("exact" if model.config.objective in ("bd3lm", "e2d2") else "none") if args.cache == "auto" else args.cache,
     )
+    constraint = make_constraint(regex=args.regex, json_schema=_text_or_file(args.json_schema),
+                                 json_object=args.json_object, choice=args.choice, grammar=_text_or_file(args.grammar))
+    compiled = None
+    if constraint is not None:
+        compiled = ConstraintCompiler(tok, model.config.vocab_size, model.config.eos_token_id).compile(constraint)
     dec = Decoder(model)
     on_step, live = None, None
     if args.show and sys.stderr.isatty():
@@ -214,7 +233,7 @@ def cmd_generate(args) -> None:
                 text.append("\n")
             live.update(text)
     try:
-        results = dec.generate(ids, cfg, on_step=on_step)
+        results = dec.generate(ids, cfg, on_step=on_step, constraints=[compiled] * len(ids) if compiled else None)
     finally:
         if live is not None:
             live.stop()
@@ -369,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K/V cache: prefix / dual (approximate, MDLM and RADD), exact (BD3-LM, E2D2); "
                         "auto = exact for block models, none otherwise")
     g.add_argument("--show", action="store_true", help="show the canvas filling in (on a terminal)")
+    gc = g.add_argument_group("constraints (at most one; every output is then in the language)")
+    gc.add_argument("--regex", help="the output must fully match this regular expression")
+    gc.add_argument("--json-schema", help="the output is JSON valid under this JSON Schema (inline or @FILE)")
+    gc.add_argument("--json-object", action="store_true", help="the output is any JSON object")
+    gc.add_argument("--choice", action="append", help="the output is one of these strings (repeatable)")
+    gc.add_argument("--grammar", help="the output is in this context-free grammar, Lark syntax with a "
+                    "`start` rule (inline or @FILE)")
     g.add_argument("--tokenizer")
     g.add_argument("--device")
     g.set_defaults(func=cmd_generate)

@@ -143,21 +143,46 @@ class TokenChooser:
         self.mask_id = mask_id
 
     def choose(self, logits, rows, positions, canvas, generators):
+        scores, probs = self.scores(logits, rows, generators)
+        tokens = scores.argmax(-1)
+        conf = probs.gather(-1, tokens[:, None])[:, 0]
+        return tokens, conf, probs
+
+    def scores(self, logits, rows, generators):
+        """(scores, probs), both (n, V) float64: the chosen token is scores.argmax (greedy: the
+        filtered logits; sampling: plus Gumbel noise from each request's own generator)."""
         c = self.config
         logits = logits.double().clone()
         logits[:, self.mask_id] = float("-inf")
         logits = filter_logits(logits, c.temperature, c.top_k, c.top_p)
         probs = logits.softmax(-1)
         if c.temperature <= 0:
-            tokens = logits.argmax(-1)
-        else:
-            g = torch.empty_like(logits)
-            for i, r in enumerate(rows.tolist()):  # per-request generators: reproducible per request
-                g[i] = torch.rand(logits.shape[-1], generator=generators[r], dtype=torch.float64)
-            gumbel = -torch.log(-torch.log(g.clamp_min(1e-300)))
-            tokens = (logits + gumbel).argmax(-1)
-        conf = probs.gather(-1, tokens[:, None])[:, 0]
-        return tokens, conf, probs
+            return logits, probs
+        g = torch.empty_like(logits)
+        for i, r in enumerate(rows.tolist()):  # per-request generators: reproducible per request
+            g[i] = torch.rand(logits.shape[-1], generator=generators[r], dtype=torch.float64)
+        gumbel = -torch.log(-torch.log(g.clamp_min(1e-300)))
+        return logits + gumbel, probs
+
+    # Hooks a constrained chooser overrides (the default accepts every choice).
+    def begin(self, answer_start: int, answer_len: int, canvas) -> None:
+        """Called once before the first step with the answer region [start, start + len)."""
+
+    def assign(self, rows, positions, commit, tokens, canvas):
+        """Final say on the committed tokens of a step: returns (commit, tokens)."""
+        return commit, tokens
+
+    def fill(self, row: int, positions, logits, canvas):
+        """Tokens for filling every listed masked position of `row` at once (early commit):
+        the argmax, or None when the fill is not allowed."""
+        logits = logits.double().clone()
+        logits[:, self.mask_id] = float("-inf")
+        return logits.argmax(-1)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Rows `keep` of the batch stay (finished ones leave)."""
+
+    elapsed = 0.0  # seconds spent constraining
 
 
 # ------------------------------------------------------------------ unmask policies
@@ -313,14 +338,18 @@ class Decoder:
     # -------------------------------------------------------------- public
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], config: Optional[DecodeConfig] = None,
-                 seeds: Optional[Sequence[int]] = None, on_step=None) -> list[DecodeResult]:
+                 seeds: Optional[Sequence[int]] = None, on_step=None,
+                 constraints: Optional[Sequence] = None) -> list[DecodeResult]:
         """Decode every prompt. `seeds[i]` (default config.seed + i) seeds request i alone.
         `on_step(rows, answers)`, if given, is called after every network call with the request
         indices and their answer regions (token lists, MASK where still undecided): for progress
-        displays and streaming."""
+        displays and streaming. `constraints[i]` (a `dlm.constraints.CompiledConstraint` or None)
+        constrains request i's output to a regular or context-free language."""
         config = config or DecodeConfig()
         if not prompts:
             return []
+        if constraints is not None and len(constraints) != len(prompts):
+            raise DLMError(f"{len(constraints)} constraints for {len(prompts)} prompts; give one per prompt (or None)")
         if self.block_model:
             # Block models place blocks at absolute positions: rows batch together only when their
             # prompts have the same length (the scheduler groups them); others run one group each.
@@ -330,14 +359,16 @@ class Decoder:
             results: list[Optional[DecodeResult]] = [None] * len(prompts)
             for idx in groups.values():
                 sub = self._generate([prompts[i] for i in idx], config,
-                                     [seeds[i] if seeds else config.seed + i for i in idx], on_step, idx)
+                                     [seeds[i] if seeds else config.seed + i for i in idx], on_step, idx,
+                                     [constraints[i] for i in idx] if constraints is not None else None)
                 for i, r in zip(idx, sub):
                     results[i] = r
             return results  # type: ignore[return-value]
         return self._generate(prompts, config, [seeds[i] if seeds else config.seed + i for i in range(len(prompts))],
-                              on_step, list(range(len(prompts))))
+                              on_step, list(range(len(prompts))), constraints)
 
-    def _generate(self, prompts, config: DecodeConfig, seeds, on_step=None, ids=None) -> list[DecodeResult]:
+    def _generate(self, prompts, config: DecodeConfig, seeds, on_step=None, ids=None,
+                  constraints=None) -> list[DecodeResult]:
         cfg, dev = self.cfg, self.device
         N = config.max_new_tokens
         config.validate(cfg.block_size if self.block_model else None)
@@ -372,6 +403,11 @@ class Decoder:
             positions[r, pad[r]:] = torch.arange(total - int(pad[r]), device=dev)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         chooser = self.chooser_factory(config)
+        if constraints is not None and any(c is not None for c in constraints):
+            from dlm.constraints import ConstrainedChooser
+
+            chooser = ConstrainedChooser(chooser, constraints, eos_id=cfg.eos_token_id)
+        chooser.begin(P, N, canvas)
         sched = LogLinearSchedule()
 
         # Blocks over the generated region, as column ranges of the canvas.
@@ -424,13 +460,13 @@ class Decoder:
                             if config.early_commit_scope == "answer":
                                 # fill every mask of the answer with its argmax in this one step
                                 # (dual / exact caches see the block only: they fill the block)
-                                end = lo + logits.shape[1]
-                                full = logits[r].clone()
-                                full[:, mask_id] = float("-inf")
-                                mrow = canvas[r, lo:end] == mask_id
-                                canvas[r, lo:end] = torch.where(mrow, full.argmax(-1), canvas[r, lo:end])
-                                commit[idx] = False
-                                continue
+                                # (a constrained chooser fills validly or refuses: then no early commit)
+                                mcols = (canvas[r, lo : lo + logits.shape[1]] == mask_id).nonzero(as_tuple=True)[0]
+                                fill = chooser.fill(r, lo + mcols, logits[r, mcols], canvas)
+                                if fill is not None:
+                                    canvas[r, lo + mcols] = fill.to(canvas.device)
+                                    commit[idx] = False
+                                    continue
                             commit[idx] = True
                             tokens[idx] = blk_logits[idx].double().index_fill(
                                 -1, torch.tensor([mask_id], device=blk_logits.device), float("-inf")).argmax(-1)
@@ -439,8 +475,9 @@ class Decoder:
                                                n_masked=idx.numel(), steps_left=max(1, block_steps - s_in_block),
                                                t=(block_steps - s_in_block) / block_steps,
                                                s=(block_steps - s_in_block - 1) / block_steps, sched=sched)
+                commit, tokens = chooser.assign(rows.cpu(), (lo + cols).cpu(), commit, tokens, canvas)
                 if bool(commit.any()):
-                    canvas[rows[commit], lo + cols[commit]] = tokens[commit]
+                    canvas[rows[commit], lo + cols[commit]] = tokens[commit].to(canvas.device)
                 changed = bool((canvas[:, lo:hi] != region).any())  # commits or an early-commit fill
                 if on_step is not None:
                     on_step(ids, canvas[:, P : P + N].tolist())
@@ -460,6 +497,7 @@ class Decoder:
                 ids = [ids[i] for i in keep.tolist()]
                 done = done[keep]
                 _keep_rows(st, kd)
+                chooser.keep_rows(keep.tolist())
                 prev_logits = None
         for r in range(canvas.shape[0]):
             finished[row_of[r]] = canvas[r]
@@ -471,6 +509,7 @@ class Decoder:
             results.append(DecodeResult(out, reason, {
                 "nfe": nfe, "generated_tokens": len(out), "tokens_per_forward": len(out) / max(1, nfe),
                 "wall_s": wall, "forward_s": t_forward, "other_s": wall - t_forward,
+                "constraint_s": chooser.elapsed,
             }))
         return results
 

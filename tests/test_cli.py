@@ -3,6 +3,7 @@ stderr naming the problem and the fix, exit code 2, and leaves good checkpoints 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -198,3 +199,24 @@ def test_generate_decodes_and_rejects_bad_settings(capsys, run_dir):
     fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--unmask", "threshold", "--threshold", "1.5"],
                   "threshold")
     fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--max-new-tokens", "5000"], "context")
+
+
+def test_generate_with_constraints(capsys, run_dir, tmp_path):
+    model = str(run_dir / "model")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    cases = [(["--regex", "[0-9]{2}-[a-z]{2}"], lambda t: re.fullmatch("[0-9]{2}-[a-z]{2}", t)),
+             (["--choice", "yes", "--choice", "no"], lambda t: t in ("yes", "no")),
+             (["--json-schema", f"@{tmp_path / 's.json'}"], lambda t: isinstance(json.loads(t)["n"], int)),
+             (["--json-object"], lambda t: isinstance(json.loads(t), dict)),
+             (["--grammar", 'start: "(" NUM ")"\nNUM: /[0-9]+/\n'], lambda t: re.fullmatch(r"\([0-9]+\)", t))]
+    for flags, check in cases:
+        assert main(["generate", model, "--prompt", "the cat", "--max-new-tokens", "16", *flags]) == 0
+        row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert check(row["completion"]), (flags, row)
+        assert row["constraint_s"] > 0
+    fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--regex", "[a-"], "invalid regex")
+    fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--regex", "a", "--choice", "b"], "at most one")
+    fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--grammar", "start: ((("], "does not compile")
+    fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--max-new-tokens", "2", "--regex", "[a-z]{30}"],
+                  "cannot be satisfied")

@@ -1,0 +1,792 @@
+"""Grammar-constrained decoding for masked diffusion: regex, JSON Schema, choices, Lark grammars.
+
+Left-to-right token masking (what grammar engines do for autoregressive models) breaks when a
+diffusion decoder commits tokens in parallel and out of order, so this module constrains the
+*whole canvas* at every step:
+
+* Regular constraints (regex, JSON Schema, choices) compile to an explicit token DFA
+  (outlines-core). At each step a Viterbi dynamic program over the answer region (DINGO) treats
+  a [MASK] slot as "exactly one unknown token" and picks the highest-scoring assignment for the
+  positions the unmask policy commits, with a budget-aware end condition: the state reached must
+  accept within the positions left (EOS and anything after it are free), so a finished output
+  is always in the language, not just a valid prefix. It is vectorised over states and tokens
+  with torch: no Python loop over the vocabulary.
+* Context-free constraints (Lark grammars, and schemas too large for a DFA) run through
+  llguidance. The chooser keeps a *witness*, a concrete valid completion of the current canvas
+  with one token per masked slot; a token the policy wants is committed only when some witness
+  contains it (certified), and when nothing can be certified the witness's own token is
+  committed, so decoding never stalls and the result is always in the language.
+
+Compile results are cached per (constraint, tokenizer) by `ConstraintCompiler`.
+
+    compiler = ConstraintCompiler(tokenizer, model.config.vocab_size)
+    c = compiler.compile(Constraint.json_schema({"type": "object", ...}))
+    Decoder(model).generate([prompt_ids], config, constraints=[c])
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from dlm.errors import DLMError
+
+KINDS = ("regex", "json", "choice", "grammar")
+DEFAULT_WHITESPACE = r"[ ]?"  # between JSON tokens: compact output, a small DFA
+MAX_DENSE_ENTRIES = 64_000_000  # (states x vocab) above this: use the witness engine instead
+
+
+# ------------------------------------------------------------------ the user's constraint
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match. `spec` is the regex, the JSON Schema as canonical JSON text
+    ("" for any JSON object), the JSON list of choices, or the Lark grammar."""
+
+    kind: str
+    spec: str
+
+    @classmethod
+    def regex(cls, pattern: str) -> "Constraint":
+        if not isinstance(pattern, str) or not pattern:
+            raise DLMError("a regex constraint needs a non-empty pattern string")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise DLMError(f"invalid regex {pattern!r}: {e}") from None
+        return cls("regex", pattern)
+
+    @classmethod
+    def json_schema(cls, schema=None) -> "Constraint":
+        """A JSON Schema (dict or JSON text); None or {} means any JSON object."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise DLMError(f"the JSON schema is not valid JSON: {e}") from None
+        if schema in (None, {}):
+            return cls("json", "")
+        if not isinstance(schema, dict):
+            raise DLMError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as e:
+            raise DLMError(f"invalid JSON schema: {e.message}") from None
+        return cls("json", json.dumps(schema, sort_keys=True))
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> "Constraint":
+        if isinstance(choices, str) or not choices or not all(isinstance(c, str) and c for c in choices):
+            raise DLMError("a choice constraint needs a non-empty list of non-empty strings")
+        return cls("choice", json.dumps(list(choices)))
+
+    @classmethod
+    def grammar(cls, lark: str) -> "Constraint":
+        if not isinstance(lark, str) or not lark.strip():
+            raise DLMError("a grammar constraint needs a Lark grammar text")
+        return cls("grammar", lark)
+
+    @property
+    def schema(self) -> Optional[dict]:
+        return json.loads(self.spec) if self.kind == "json" and self.spec else None
+
+    def regex_source(self) -> str:
+        """The regular expression a regular constraint compiles from."""
+        if self.kind == "regex":
+            return self.spec
+        if self.kind == "choice":
+            return "(" + "|".join(_escape(c) for c in json.loads(self.spec)) + ")"
+        if self.kind == "json":
+            from outlines_core.json_schema import build_regex_from_schema
+
+            schema = self.schema if self.spec else {"type": "object"}
+            try:
+                return build_regex_from_schema(json.dumps(schema), DEFAULT_WHITESPACE)
+            except Exception as e:  # outlines-core: ValueError for unsupported keywords / types
+                raise DLMError(f"unsupported JSON schema: {e}") from None
+        raise DLMError(f"{self.kind} constraints are not regular")
+
+    def describe(self) -> str:
+        text = self.spec if len(self.spec) < 60 else self.spec[:57] + "..."
+        return f"{self.kind} {text!r}" if self.spec else "any JSON object"
+
+
+def _escape(text: str) -> str:
+    """Escape a literal for the Rust regex dialect (Python's re.escape escapes spaces, Rust rejects that)."""
+    return "".join("\\" + ch if ch in "\\.+*?()|[]{}^$#&-~" else ch for ch in text)
+
+
+# ------------------------------------------------------------------ tokenizer bytes
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[Optional[bytes]]:
+    """The bytes each token id stands for (None: special tokens and ids the tokenizer lacks).
+    Handles byte-level BPE (GPT-2 style) and SentencePiece (U+2581 for space, <0xNN> byte fallback)."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    byte_level = "ByteLevel" in type(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)).__name__ \
+        or "ByteLevel" in str(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", ""))
+    table = _byte_decoder()
+    out: list[Optional[bytes]] = [None] * vocab_size
+    pieces = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
+    for i, piece in enumerate(pieces):
+        if piece is None or i in special:
+            continue
+        if byte_level and all(ch in table for ch in piece):
+            out[i] = bytes(table[ch] for ch in piece)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            out[i] = bytes([int(piece[3:5], 16)])
+        else:
+            out[i] = piece.replace("\u2581", " ").encode("utf-8")
+        if out[i] == b"":
+            out[i] = None
+    return out
+
+
+# ------------------------------------------------------------------ regular: the token DFA
+class TokenDFA:
+    """A dense token-level DFA with two extra states: DEAD (no valid continuation) and DONE
+    (after EOS: every token is allowed, it is cut from the output).
+
+    table (S, V) int64: next state; accepting (S,) bool; dist (S,) int64: fewest tokens to an
+    accepting state or DONE (a large number when none is reachable)."""
+
+    def __init__(self, transitions: dict[int, dict[int, int]], initial: int, finals: Sequence[int],
+                 vocab_size: int, eos_id: int):
+        states = sorted(set(transitions) | {s for m in transitions.values() for s in m.values()} | {initial} | set(finals))
+        index = {s: i for i, s in enumerate(states)}
+        S = len(states) + 2
+        self.dead, self.done = S - 2, S - 1
+        if S * vocab_size > MAX_DENSE_ENTRIES:
+            raise DLMError(f"the constraint's automaton is too large for a dense table ({S} states x "
+                           f"{vocab_size} tokens)")
+        table = torch.full((S, vocab_size), self.dead, dtype=torch.int64)
+        src, tok, dst = [], [], []
+        for s, m in transitions.items():
+            for t, n in m.items():
+                if t != eos_id and 0 <= t < vocab_size:
+                    src.append(index[s])
+                    tok.append(t)
+                    dst.append(index[n])
+        if src:
+            table[torch.tensor(src), torch.tensor(tok)] = torch.tensor(dst)
+        accepting = torch.zeros(S, dtype=torch.bool)
+        for f in finals:
+            accepting[index[f]] = True
+        table[accepting, eos_id] = self.done
+        table[self.done] = self.done
+        accepting[self.done] = True
+        self.table, self.accepting, self.initial = table, accepting, index[initial]
+        self.vocab_size, self.eos_id, self.num_states = vocab_size, eos_id, S
+        # one-token reachability as a unique edge list (src -> dst), for [MASK] slots
+        live = table != self.dead
+        s_idx, t_idx = live.nonzero(as_tuple=True)
+        pairs = torch.unique(s_idx * S + table[s_idx, t_idx])
+        self.edge_src, self.edge_dst = pairs // S, pairs % S
+        self.dist = self._distances()
+
+    def _distances(self) -> torch.Tensor:
+        S = self.num_states
+        big = torch.iinfo(torch.int64).max // 4
+        dist = torch.full((S,), big, dtype=torch.int64)
+        dist[self.accepting] = 0
+        frontier = self.accepting.clone()
+        d = 0
+        while bool(frontier.any()):
+            d += 1
+            reach = torch.zeros(S, dtype=torch.bool)
+            reach[self.edge_src[frontier[self.edge_dst]]] = True
+            frontier = reach & (dist == big)
+            dist[frontier] = d
+        dist[self.dead] = big
+        return dist
+
+    def walk(self, state: int, tokens: Sequence[int]) -> int:
+        for t in tokens:
+            state = int(self.table[state, t])
+        return state
+
+    def accepts(self, tokens: Sequence[int]) -> bool:
+        return bool(self.accepting[self.walk(self.initial, tokens)])
+
+    # ---------------------------------------------------------- per-step computations
+    def _step_mask(self, w: torch.Tensor) -> torch.Tensor:
+        """Max over one unknown token: w'[q'] = max over edges q -> q' of w[q]."""
+        out = torch.full_like(w, float("-inf"))
+        return out.scatter_reduce(0, self.edge_dst, w[self.edge_src], "amax")
+
+    def _step_token(self, w: torch.Tensor, tok: int) -> torch.Tensor:
+        out = torch.full_like(w, float("-inf"))
+        out = out.scatter_reduce(0, self.table[:, tok], w, "amax")
+        out[self.dead] = float("-inf")
+        return out
+
+    def reachable(self, state: int, slots: Sequence[int], mask_id: int) -> list[torch.Tensor]:
+        """Forward state sets: sets[i] = states possible before slot i (len(slots) + 1 sets)."""
+        f = torch.zeros(self.num_states, dtype=torch.bool)
+        f[state] = True
+        sets = [f]
+        for t in slots:
+            if t == mask_id:
+                n = torch.zeros_like(f)
+                n[self.edge_dst[f[self.edge_src]]] = True
+            else:
+                n = torch.zeros_like(f)
+                n[self.table[f, t]] = True
+            n[self.dead] = False
+            sets.append(n)
+            f = n
+        return sets
+
+    def coreachable(self, slots: Sequence[int], mask_id: int, left_after: int) -> list[torch.Tensor]:
+        """Backward sets: sets[i] = states before slot i from which slots i.. and `left_after`
+        more free positions can end accepted."""
+        g = self.dist <= left_after
+        sets = [g]
+        for t in reversed(slots):
+            if t == mask_id:
+                n = torch.zeros_like(g)
+                n[self.edge_src[g[self.edge_dst]]] = True
+            else:
+                n = g[self.table[:, t]]
+            n[self.dead] = False
+            sets.append(n)
+            g = n
+        return sets[::-1]
+
+    def allowed(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
+                query: Sequence[int]) -> torch.Tensor:
+        """(len(query), V) bool: tokens that slot query[j] (masked) can take in some valid
+        completion of the whole canvas (each slot on its own)."""
+        fw = self.reachable(state, slots, mask_id)
+        bw = self.coreachable(slots, mask_id, left_after)
+        rows = []
+        for i in query:
+            src = fw[i].nonzero(as_tuple=True)[0]
+            rows.append(bw[i + 1][self.table[src]].any(0) if src.numel() else
+                        torch.zeros(self.vocab_size, dtype=torch.bool))
+        return torch.stack(rows) if rows else torch.zeros(0, self.vocab_size, dtype=torch.bool)
+
+    def best_assignment(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
+                        scores: dict[int, torch.Tensor]) -> Optional[dict[int, int]]:
+        """DINGO's dynamic program. `slots` are the canvas tokens from `state` on (MASK: unknown);
+        slots whose index is in `scores` are committed now and take the tokens maximising the sum
+        of their scores (V-vectors, -inf = forbidden); other masked slots stay masked (any one
+        token); `left_after` free positions follow. Returns {slot: token}, or None if impossible."""
+        w = torch.full((self.num_states,), float("-inf"), dtype=torch.float64)
+        w[state] = 0.0
+        before: list[torch.Tensor] = []
+        back: dict[int, torch.Tensor] = {}  # committed slot -> (S,) best incoming src * V + token
+        for i, t in enumerate(slots):
+            before.append(w)
+            if i in scores:
+                w, back[i] = self._step_scores(w, scores[i])
+            elif t == mask_id:
+                w = self._step_mask(w)
+            else:
+                w = self._step_token(w, t)
+        final = w.masked_fill(self.dist > left_after, float("-inf"))
+        if not bool(torch.isfinite(final).any()):
+            return None
+        # Backtrack from the best final state: committed slots read their pointer, the others
+        # take any predecessor whose forward score explains the path.
+        V = self.vocab_size
+        q = int(final.argmax())
+        choice: dict[int, int] = {}
+        for i in range(len(slots) - 1, -1, -1):
+            if i in back:
+                flat = int(back[i][q])
+                q, choice[i] = flat // V, flat % V
+                continue
+            if slots[i] == mask_id:
+                into_q = torch.zeros(self.num_states, dtype=torch.bool)
+                into_q[self.edge_src[self.edge_dst == q]] = True
+            else:
+                into_q = self.table[:, slots[i]] == q
+            q = int(before[i].masked_fill(~into_q, float("-inf")).argmax())
+        return choice
+
+    def _step_scores(self, w: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One committed slot: w'[q'] = max over (q, v) with table[q, v] = q' of w[q] + score[v];
+        also the arg-max as q * V + v. Only live states are expanded (k x V work)."""
+        V = self.vocab_size
+        live = torch.isfinite(w).nonzero(as_tuple=True)[0]
+        dst = self.table[live].reshape(-1)  # (k V)
+        cand = (w[live, None] + score.double()[None, :]).reshape(-1)
+        cand = cand.masked_fill(dst == self.dead, float("-inf"))
+        nw = torch.full_like(w, float("-inf")).scatter_reduce(0, dst, cand, "amax")
+        win = torch.isfinite(cand) & (cand == nw[dst])
+        flat = (live[:, None] * V + torch.arange(V)[None, :]).reshape(-1)
+        arg = torch.full((self.num_states,), torch.iinfo(torch.int64).max, dtype=torch.int64)
+        arg = arg.scatter_reduce(0, dst[win], flat[win], "amin")
+        nw[self.dead] = float("-inf")
+        return nw, arg
+
+
+# ------------------------------------------------------------------ context-free: witnesses
+class GrammarEngine:
+    """A Lark grammar (or a schema too large for a DFA) through llguidance's matcher."""
+
+    def __init__(self, grammar: str, lltok, vocab_size: int, eos_id: int, describe: str):
+        from llguidance import LLMatcher
+
+        self.grammar, self.lltok, self.vocab_size, self.eos_id = grammar, lltok, vocab_size, eos_id
+        m = LLMatcher(lltok, grammar, log_level=0)
+        if m.is_error():
+            raise DLMError(f"the constraint ({describe}) does not compile: {m.get_error()}")
+        self._root = m
+
+    def matcher(self):
+        return self._root.deep_copy()
+
+    def allowed(self, m) -> torch.Tensor:
+        import numpy as np
+
+        bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        out = torch.zeros(self.vocab_size, dtype=torch.bool)
+        n = min(self.vocab_size, bits.size)
+        out[:n] = torch.from_numpy(bits[:n].astype(bool))
+        out[self.eos_id] = False  # EOS is decided by is_accepting()
+        return out
+
+    def _closers(self, m, allowed: torch.Tensor, rank: Optional[torch.Tensor], limit: int = 64) -> list[int]:
+        """Allowed tokens after which the grammar accepts (the best-ranked `limit` checked)."""
+        ids = allowed.nonzero(as_tuple=True)[0]
+        if rank is not None and ids.numel() > limit:
+            ids = ids[rank.double()[ids].topk(limit).indices]
+        elif ids.numel() > limit:
+            ids = ids[:limit]
+        out = []
+        for t in ids.tolist():
+            if m.consume_token(t):
+                if m.is_accepting():
+                    out.append(t)
+                m.rollback(1)
+        return out
+
+    def accepts(self, tokens: Sequence[int]) -> bool:
+        m = self.matcher()
+        for t in tokens:
+            if t == self.eos_id:
+                break
+            if m.validate_tokens([t]) != 1 or not m.consume_token(t):
+                return False
+        return m.is_accepting()
+
+    def witness(self, slots: Sequence[int], mask_id: int, prefs: dict[int, torch.Tensor],
+                prior: Optional[torch.Tensor], budget: int = 3000, width: int = 3,
+                close_window: int = 6) -> Optional[list[int]]:
+        """A concrete valid completion of `slots` (MASK: one unknown token each), found by a
+        depth-first search that tries the best-scored allowed tokens first (`prefs` per slot,
+        else `prior`; EOS first where the grammar accepts and no scores are known; in the last
+        `close_window` slots, first the tokens after which the grammar accepts).
+        None when no completion was found within `budget` token checks."""
+        m = self.matcher()
+        n = len(slots)
+        out: list[int] = []
+        spent = [0]
+
+        def rest_after_eos(i):
+            return [self.eos_id] + [t if t != mask_id else self.eos_id for t in slots[i + 1 :]]
+
+        def dfs(i: int) -> bool:
+            spent[0] += 1
+            if spent[0] > budget:
+                return False
+            if i == n:
+                return m.is_accepting()
+            t = slots[i]
+            if t != mask_id:
+                if t == self.eos_id:
+                    if m.is_accepting():
+                        out.extend(rest_after_eos(i))
+                        return True
+                    return False
+                if m.validate_tokens([t]) != 1:
+                    return False
+                m.consume_token(t)
+                out.append(t)
+                if dfs(i + 1):
+                    return True
+                out.pop()
+                m.rollback(1)
+                return False
+            allowed = self.allowed(m)
+            accepting = m.is_accepting()
+            score = prefs.get(i)
+            left = n - i
+            cands: list[int] = []
+            if accepting and (score is None or left <= close_window):
+                cands.append(self.eos_id)
+            if left <= close_window:  # running out of room: first the tokens that close the output
+                cands += [c for c in self._closers(m, allowed, score if score is not None else prior) if c not in cands]
+            ranked = score if score is not None else prior
+            if ranked is not None:
+                s = ranked.double().masked_fill(~allowed, float("-inf"))
+                if score is not None and accepting:
+                    s = s.clone()
+                    s[self.eos_id] = ranked[self.eos_id]
+                top = s.topk(min(width, s.numel())).indices.tolist()
+                cands += [c for c in top if s[c] > float("-inf") and c not in cands]
+            else:
+                cands += [c for c in allowed.nonzero(as_tuple=True)[0][:width].tolist() if c not in cands]
+            for c in cands:
+                if c == self.eos_id:
+                    out.extend(rest_after_eos(i))
+                    return True
+                m.consume_token(c)
+                out.append(c)
+                if dfs(i + 1):
+                    return True
+                out.pop()
+                m.rollback(1)
+                if spent[0] > budget:
+                    return False
+            return False
+
+        import sys
+
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 4 * n + 100))
+        try:
+            return out if dfs(0) else None
+        finally:
+            sys.setrecursionlimit(limit)
+
+
+# ------------------------------------------------------------------ compile (cached)
+@dataclass
+class CompiledConstraint:
+    constraint: Constraint
+    dfa: Optional[TokenDFA] = None  # regular constraints
+    engine: Optional[GrammarEngine] = None  # context-free (or too large for a DFA)
+    compile_s: float = 0.0
+
+    def accepts(self, tokens: Sequence[int]) -> bool:
+        """Whether generated tokens (cut at EOS) are in the language."""
+        if self.dfa is not None:
+            return self.dfa.accepts(list(tokens) + [self.dfa.eos_id])
+        return self.engine.accepts(tokens)
+
+    def min_tokens(self) -> Optional[int]:
+        """Fewest tokens of a valid output (regular constraints; None when unknown)."""
+        return int(self.dfa.dist[self.dfa.initial]) if self.dfa is not None else None
+
+
+_CACHE: "OrderedDict[tuple, CompiledConstraint]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+CACHE_SIZE = 64
+
+
+class ConstraintCompiler:
+    """Compiles constraints for one tokenizer; results are cached per (constraint, tokenizer)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_id: Optional[int] = None):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
+        self.bytes = token_bytes(tokenizer, vocab_size)
+        self.key = (vocab_size, self.eos_id, hash(tuple(self.bytes)))
+        self._vocab = None
+        self._lltok = None
+
+    def compile(self, constraint: Constraint) -> CompiledConstraint:
+        key = (constraint, self.key)
+        with _CACHE_LOCK:
+            hit = _CACHE.get(key)
+            if hit is not None:
+                _CACHE.move_to_end(key)
+                return hit
+        t0 = time.perf_counter()
+        if constraint.kind == "grammar":
+            from llguidance import LLMatcher
+
+            compiled = CompiledConstraint(constraint, engine=self._engine(LLMatcher.grammar_from_lark(constraint.spec),
+                                                                         constraint))
+        else:
+            try:
+                compiled = CompiledConstraint(constraint, dfa=self._dfa(constraint))
+            except _TooLarge:
+                compiled = CompiledConstraint(constraint, engine=self._engine(self._ll_grammar(constraint), constraint))
+        compiled.compile_s = time.perf_counter() - t0
+        with _CACHE_LOCK:
+            _CACHE[key] = compiled
+            while len(_CACHE) > CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        return compiled
+
+    def _dfa(self, constraint: Constraint) -> TokenDFA:
+        from outlines_core import Index, Vocabulary
+
+        source = constraint.regex_source()
+        if self._vocab is None:
+            groups: dict[bytes, list[int]] = {}
+            for i, b in enumerate(self.bytes):
+                if b is not None and i != self.eos_id:
+                    groups.setdefault(b, []).append(i)
+            self._vocab = Vocabulary(self.eos_id, groups)
+        try:
+            index = Index(source, self._vocab)
+        except Exception as e:  # outlines-core reports bad patterns and empty languages as ValueError
+            what = "regex" if constraint.kind == "regex" else constraint.kind
+            raise DLMError(f"cannot compile the {what} constraint {constraint.describe()}: {e}") from None
+        transitions = index.get_transitions()
+        n_states = len(transitions) + 2
+        if n_states * self.vocab_size > MAX_DENSE_ENTRIES:
+            raise _TooLarge()
+        return TokenDFA(transitions, index.get_initial_state(), list(index.get_final_states()),
+                        self.vocab_size, self.eos_id)
+
+    def _ll_grammar(self, constraint: Constraint) -> str:
+        from llguidance import LLMatcher
+
+        if constraint.kind == "json":
+            return LLMatcher.grammar_from_json_schema(constraint.schema or {"type": "object"},
+                                                      defaults={"whitespace_flexible": False})
+        return LLMatcher.grammar_from_regex(constraint.regex_source())
+
+    def _engine(self, grammar: str, constraint: Constraint) -> GrammarEngine:
+        if self._lltok is None:
+            import llguidance.hf
+
+            self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=len(self.tokenizer),
+                                                       eos_token=self.eos_id)
+        return GrammarEngine(grammar, self._lltok, self.vocab_size, self.eos_id, constraint.describe())
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ the decoder's chooser
+class ConstrainedChooser:
+    """Wraps the decoder's token chooser; rows with a constraint keep their canvas completable.
+
+    choose(): masks every slot's logits to the tokens it can take in some valid completion of
+    the whole canvas (regular: exact, from forward / backward state sets; grammars: exact at the
+    first open slot), so the unmask policy ranks positions by constrained confidences.
+    assign(): regular rows take DINGO's best joint assignment for the committed slots; grammar
+    rows commit the certified tokens (or the witness's own one). fill(): early commit, the same
+    way over every open slot, or None (then early commit does not fire)."""
+
+    def __init__(self, base, constraints: Sequence[Optional[CompiledConstraint]], eos_id: int):
+        self.base = base
+        self.config = base.config
+        self.mask_id = base.mask_id
+        self.eos_id = eos_id
+        self.rows = list(constraints)
+        self.witness: list[Optional[list[int]]] = [None] * len(self.rows)
+        self.elapsed = 0.0
+        self._last = None
+
+    # ---------------------------------------------------------- hooks
+    def begin(self, answer_start: int, answer_len: int, canvas) -> None:
+        self.P, self.N = answer_start, answer_len
+        for c in self.rows:
+            if c is not None and c.dfa is not None and c.min_tokens() > answer_len:
+                raise DLMError(f"the constraint {c.constraint.describe()} cannot be satisfied within "
+                               f"max_new_tokens={answer_len}: its shortest valid output has {c.min_tokens()} tokens")
+        self.base.begin(answer_start, answer_len, canvas)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        self.witness = [self.witness[i] for i in keep]
+        self.base.keep_rows(keep)
+
+    def choose(self, logits, rows, positions, canvas, generators):
+        t0 = time.perf_counter()
+        logits = logits.double().clone()
+        rel = positions - self.P
+        for r in rows.unique().tolist():
+            c = self.rows[r]
+            idx = ((rows == r) & (rel < self.N)).nonzero(as_tuple=True)[0]
+            if c is None or idx.numel() == 0:
+                continue
+            allowed = self._allowed(c, self._answer(canvas, r), rel[idx].tolist())
+            logits[idx] = logits[idx].masked_fill(~allowed.to(logits.device), float("-inf"))
+        scores, probs = self.base.scores(logits, rows, generators)
+        tokens = scores.argmax(-1)
+        conf = probs.gather(-1, tokens[:, None])[:, 0]
+        self._last = scores
+        self.elapsed += time.perf_counter() - t0
+        return tokens, conf, probs
+
+    def assign(self, rows, positions, commit, tokens, canvas):
+        t0 = time.perf_counter()
+        scores = self._last
+        rel = positions - self.P
+        commit, tokens = commit.clone(), tokens.clone()
+        for r in rows.unique().tolist():
+            c = self.rows[r]
+            if c is None:
+                continue
+            sel = ((rows == r) & commit.cpu() & (rel < self.N)).nonzero(as_tuple=True)[0]
+            if sel.numel() == 0:
+                continue
+            slots = self._answer(canvas, r)
+            if c.dfa is not None:
+                choice = self._dp(c.dfa, slots, {int(rel[j]): scores[j].cpu() for j in sel.tolist()})
+                if choice is None:  # cannot happen while every commit goes through here
+                    raise DLMError(f"internal error: the canvas left the language of {c.constraint.describe()}")
+                for j in sel.tolist():
+                    tokens[j] = choice[int(rel[j])]
+            else:
+                entries = ((rows == r) & (rel < self.N)).nonzero(as_tuple=True)[0]
+                prefs = {int(rel[j]): scores[j].cpu() for j in entries.tolist()}
+                keep = self._certify(r, c, slots, prefs, [(int(rel[j]), int(tokens[j]), j) for j in sel.tolist()])
+                fill_all = sel.numel() == entries.numel()  # e.g. early commit: fill every open slot
+                for j in sel.tolist():
+                    if j in keep:
+                        tokens[j] = keep[j]
+                    elif fill_all:  # the witness completes what could not be certified
+                        tokens[j] = self.witness[r][int(rel[j])]
+                    else:
+                        commit[j] = False
+        self.elapsed += time.perf_counter() - t0
+        return commit, tokens
+
+    def fill(self, row: int, positions, logits, canvas):
+        c = self.rows[row]
+        if c is None:
+            return self.base.fill(row, positions, logits, canvas)
+        t0 = time.perf_counter()
+        try:
+            lp = logits.double().clone()
+            lp[:, self.mask_id] = float("-inf")
+            lp = lp.log_softmax(-1).cpu()
+            out = lp.argmax(-1)
+            rel = (positions - self.P).tolist()
+            inside = [i for i, p in enumerate(rel) if p < self.N]
+            slots = self._answer(canvas, row)
+            if c.dfa is not None:
+                choice = self._dp(c.dfa, slots, {rel[i]: lp[i] for i in inside})
+                if choice is None:
+                    return None
+                for i in inside:
+                    out[i] = choice[rel[i]]
+                return out
+            prefs = {rel[i]: lp[i] for i in inside}
+            w = c.engine.witness(slots, self.mask_id, prefs, prior=lp.mean(0))
+            if w is None:
+                return None
+            for i in inside:
+                out[i] = w[rel[i]]
+            self.witness[row] = w
+            return out
+        finally:
+            self.elapsed += time.perf_counter() - t0
+
+    def scores(self, logits, rows, generators):
+        return self.base.scores(logits, rows, generators)
+
+    # ---------------------------------------------------------- helpers
+    def _answer(self, canvas, r: int) -> list[int]:
+        return canvas[r, self.P : self.P + self.N].tolist()
+
+    def _span(self, slots: list[int], extra: Sequence[int]) -> tuple[int, int]:
+        """[first open slot, end): everything before is fixed, everything after is open."""
+        m = self.mask_id
+        first = slots.index(m) if m in slots else len(slots)
+        fixed = [i for i, t in enumerate(slots) if t != m]
+        end = max([first] + [i + 1 for i in fixed] + [i + 1 for i in extra])
+        return first, end
+
+    def _allowed(self, c: CompiledConstraint, slots: list[int], query: list[int]) -> torch.Tensor:
+        V = len(self.base_vocab(c))
+        if c.dfa is not None:
+            f, e = self._span(slots, query)
+            state = c.dfa.walk(c.dfa.initial, slots[:f])
+            return c.dfa.allowed(state, slots[f:e], self.mask_id, self.N - e, [q - f for q in query])
+        # grammar: exact at the first open slot (after a fixed prefix), open elsewhere
+        out = torch.ones(len(query), V, dtype=torch.bool)
+        f, _ = self._span(slots, [])
+        if f in query:
+            m = c.engine.matcher()
+            ok = all(m.validate_tokens([t]) == 1 and m.consume_token(t) for t in slots[:f] if t != self.eos_id) \
+                if self.eos_id not in slots[:f] else False
+            if ok:
+                a = c.engine.allowed(m)
+                if m.is_accepting():
+                    a[self.eos_id] = True
+                if bool(a.any()):
+                    out[query.index(f)] = a
+        return out
+
+    @staticmethod
+    def base_vocab(c: CompiledConstraint):
+        return range(c.dfa.vocab_size if c.dfa is not None else c.engine.vocab_size)
+
+    def _dp(self, dfa: TokenDFA, slots: list[int], scores: dict[int, torch.Tensor]) -> Optional[dict[int, int]]:
+        f, e = self._span(slots, list(scores))
+        state = dfa.walk(dfa.initial, slots[:f])
+        choice = dfa.best_assignment(state, slots[f:e], self.mask_id, self.N - e,
+                                     {p - f: s for p, s in scores.items()})
+        return None if choice is None else {p + f: t for p, t in choice.items()}
+
+    def _certify(self, r: int, c: CompiledConstraint, slots: list[int], prefs: dict[int, torch.Tensor],
+                 proposals: list[tuple[int, int, int]]) -> dict[int, int]:
+        """Grammar rows: commit a proposal only if a witness contains it; else the witness's token."""
+        eng = c.engine
+        prior = torch.stack(list(prefs.values())).clamp(min=-1e4).mean(0) if prefs else None
+        w = self.witness[r]
+        if w is None or any(s != self.mask_id and s != wt for s, wt in zip(slots, w)):
+            w = eng.witness(slots, self.mask_id, prefs, prior)
+            if w is None:
+                raise DLMError(f"no output of max_new_tokens={self.N} tokens satisfies the constraint "
+                               f"{c.constraint.describe()} (or it is too hard to find one)")
+        proposals = sorted(proposals, key=lambda x: -float(prefs[x[0]][x[1]]))
+        keep: dict[int, int] = {}
+        slots = list(slots)
+        for p, t, j in proposals:
+            if w[p] != t:
+                trial = list(slots)
+                trial[p] = t
+                nw = eng.witness(trial, self.mask_id, prefs, prior, budget=400)
+                if nw is None:
+                    continue
+                w = nw
+            slots[p] = t
+            keep[j] = t
+        if not keep:  # nothing certified: the witness's own token at the most wanted position
+            p, _, j = proposals[0]
+            keep[j] = w[p]
+        self.witness[r] = w
+        return keep
+
+
+def make_constraint(*, regex: Optional[str] = None, json_schema=None, json_object: bool = False,
+                    choice: Optional[Sequence[str]] = None, grammar: Optional[str] = None) -> Optional[Constraint]:
+    """At most one constraint from the usual option names (the CLI and the server use this)."""
+    given = [n for n, v in (("regex", regex), ("json_schema", json_schema), ("json_object", json_object or None),
+                            ("choice", choice), ("grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise DLMError(f"give at most one constraint; got {', '.join(given)}")
+    if regex is not None:
+        return Constraint.regex(regex)
+    if json_schema is not None:
+        return Constraint.json_schema(json_schema)
+    if json_object:
+        return Constraint.json_schema(None)
+    if choice is not None:
+        return Constraint.choice(choice)
+    if grammar is not None:
+        return Constraint.grammar(grammar)
+    return None
