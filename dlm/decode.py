@@ -228,8 +228,60 @@ def prophet_threshold(progress: float, gaps=(7.5, 5.0, 2.5)) -> float:
 
 
 # ------------------------------------------------------------------ the decoder
+class DecodeRequest:
+    """One request's decoding state: its own canvas (BOS + prompt + N masks, no padding), blocks,
+    step counters, token chooser, generator and caches. The decoder steps many of these together;
+    they may start at different times, have different prompt lengths, policies and block
+    positions, and leave as soon as they finish."""
+
+    def __init__(self, rid, prompt, config: DecodeConfig, seed: int, chooser, decoder: "Decoder"):
+        cfg = decoder.cfg
+        self.rid, self.config, self.chooser = rid, config, chooser
+        self.prompt = [int(t) for t in prompt]
+        N = config.max_new_tokens
+        P = len(self.prompt) + 1  # BOS + prompt
+        if decoder.block_model:
+            bs = cfg.block_size
+            total = -(-(P + N) // bs) * bs  # to the end of the last block; N are reported
+            self.blocks = [(max(P, b * bs), (b + 1) * bs) for b in range(P // bs, total // bs)]
+        else:
+            bs = config.block_length or N
+            total = P + N
+            self.blocks = [(P + i * bs, P + (i + 1) * bs) for i in range(math.ceil(N / bs))]
+        self.P, self.N, self.total, self.gen_len = P, N, total, total - P
+        self.canvas = torch.full((total,), cfg.mask_token_id, dtype=torch.long, device=decoder.device)
+        self.canvas[:P] = torch.tensor([cfg.bos_token_id, *self.prompt], device=decoder.device)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.steps_total = config.steps or self.gen_len  # fixed-k policies: spread over blocks
+        self.bi, self.s_in_block, self.step_i = 0, 0, 0
+        self.st: dict = {"mode": config.cache}
+        self.prev_logits, self.changed = None, True
+        self.logits = None
+        self.nfe, self.t_forward = 0, 0.0
+        self.t0 = time.perf_counter()
+        self.finished, self.cancelled = False, False
+        self.result: Optional[DecodeResult] = None
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return self.blocks[self.bi]
+
+    @property
+    def block_steps(self) -> int:
+        lo, hi = self.block
+        return max(1, round(self.steps_total * (hi - lo) / self.gen_len))
+
+    def answer(self) -> list[int]:
+        """The answer region (MASK where still undecided)."""
+        return self.canvas[self.P : self.P + self.N].tolist()
+
+
 class Decoder:
-    """Generate from a diffusion model (MDLM, RADD, BD3-LM, E2D2) for a batch of prompts."""
+    """Generate from a diffusion model (MDLM, RADD, BD3-LM, E2D2) for many requests at once.
+
+    `generate` decodes a list of prompts. A serving scheduler instead keeps a set of
+    `DecodeRequest`s (`new_request`) and calls `step` between admissions and departures: every
+    call advances each unfinished request by one network call, batched across requests."""
 
     def __init__(self, model, chooser_factory=None):
         self.model = model.eval()
@@ -244,96 +296,6 @@ class Decoder:
             from dlm.objectives import make_objective
 
             self.objective = make_objective(self.cfg)
-
-    # -------------------------------------------------------------- network
-    def _full_logits(self, canvas: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        """Logits (B, L, V) of the whole canvas (rows left-padded: position -1)."""
-        if self.block_model:
-            out_pos = torch.ones_like(canvas, dtype=torch.bool)
-            return self.objective.masked_logits(self.model, canvas, canvas, None, out_pos).view(*canvas.shape, -1)
-        am = (positions >= 0).long()
-        return self.model(canvas, attention_mask=None if bool(am.all()) else am,
-                          position_ids=positions.clamp(min=0), cache=cache, sigma=self._sigma(canvas)).logits
-
-    def _sigma(self, canvas):
-        """Noise level for time-conditioned MDLM: t = the masked fraction of the answer region."""
-        if not self.cfg.time_conditioning:
-            return None
-        region = canvas[:, self._answer_start:]
-        t = (region == self.cfg.mask_token_id).float().mean(-1).clamp(min=1e-3)
-        return LogLinearSchedule().sigma(t)
-
-    def _block_logits(self, st: dict, canvas, positions, lo: int, hi: int, refresh: bool) -> torch.Tensor:
-        """Logits for canvas columns [lo, END) where END = hi for dual / exact caches and the end
-        of the canvas otherwise (answer-scope early commit reads past the block)."""
-        mode = st["mode"]
-        if mode == "none":
-            return self._full_logits(canvas, positions)[:, lo:]
-        if mode in ("prefix", "dual"):
-            if refresh:  # one full forward; keep every layer's K/V of the whole canvas
-                from dlm.model import KVCache
-
-                st["kv"] = KVCache(self.cfg.num_hidden_layers)
-                return self._full_logits(canvas, positions, cache=st["kv"])[:, lo:]
-            return self._cached_step(st, canvas, positions, lo, hi if mode == "dual" else canvas.shape[1])
-        return self._exact_step(st, canvas, lo, hi)
-
-    def _cached_step(self, st: dict, canvas, positions, lo: int, hi: int) -> torch.Tensor:
-        """Feed columns [lo, hi) only; the other columns' keys/values come from the last refresh
-        (approximate: they were computed when the fed tokens had other values)."""
-        from dlm.model import KVCache
-
-        if st.get("view_key") != (id(st["kv"]), lo, hi):  # gather the kept K/V once per block
-            kv = st["kv"]
-            view = KVCache(len(kv.k))
-            view.k = [torch.cat([k[:, :, :lo], k[:, :, hi:]], dim=2) for k in kv.k]
-            view.v = [torch.cat([v[:, :, :lo], v[:, :, hi:]], dim=2) for v in kv.v]
-            view.commit = False
-            st["view"], st["view_key"] = view, (id(kv), lo, hi)
-        view = st["view"]
-        am = (positions >= 0).long()
-        key_am = torch.cat([am[:, :lo], am[:, hi:], am[:, lo:hi]], dim=1)
-        out = self.model(canvas[:, lo:hi], attention_mask=None if bool(key_am.all()) else key_am,
-                         position_ids=positions[:, lo:hi].clamp(min=0), cache=view, sigma=self._sigma(canvas))
-        return out.logits
-
-    def _exact_step(self, st: dict, canvas, lo: int, hi: int) -> torch.Tensor:
-        """Block models: encode finished clean blocks once, then feed only the current block."""
-        from dlm.model import KVCache
-
-        bs = self.cfg.block_size
-        b0 = (lo // bs) * bs  # the block's first column (the prompt may fill its beginning)
-        dev = canvas.device
-        done = st.setdefault("clean_len", 0)
-        if done < b0:  # append clean blocks [done, b0): block-causal among themselves, see all cached
-            new = canvas[:, done:b0]
-            n = b0 - done
-            blk = torch.arange(done, b0, device=dev) // bs
-            mask = torch.cat([torch.ones(n, done, dtype=torch.bool, device=dev), blk[None, :] <= blk[:, None]], dim=1)
-            pos = torch.arange(done, b0, device=dev)
-            if self.cfg.objective == "e2d2":
-                st.setdefault("enc", KVCache(self.cfg.num_hidden_layers))
-                states = self.model.encode(new, attn_mask=mask, position_ids=pos, cache=st["enc"])
-                st["memory"] = states if done == 0 else torch.cat([st["memory"], states], dim=1)
-            else:
-                st.setdefault("kv", KVCache(self.cfg.num_hidden_layers))
-                st["kv"].commit = True
-                self.model(new, position_ids=pos, attn_mask=mask, cache=st["kv"])
-            st["clean_len"] = b0
-        block = canvas[:, b0 : b0 + bs]
-        pos = torch.arange(b0, b0 + bs, device=dev)
-        if self.cfg.objective == "e2d2":
-            if b0 == 0:
-                mem = torch.zeros(block.shape[0], 0, self.cfg.hidden_size, device=dev, dtype=self.model.dtype)
-            else:
-                mem = st["memory"]
-            logits = self.model.decode(block, mem, torch.arange(b0, device=dev), position_ids=pos).logits
-        else:
-            kv = st.get("kv")
-            if kv is not None:
-                kv.commit = False  # the noisy block's K/V must not persist
-            logits = self.model(block, position_ids=pos, cache=kv).logits
-        return logits[:, lo - b0 : hi - b0]
 
     # -------------------------------------------------------------- public
     @torch.no_grad()
@@ -350,168 +312,295 @@ class Decoder:
             return []
         if constraints is not None and len(constraints) != len(prompts):
             raise DLMError(f"{len(constraints)} constraints for {len(prompts)} prompts; give one per prompt (or None)")
-        if self.block_model:
-            # Block models place blocks at absolute positions: rows batch together only when their
-            # prompts have the same length (the scheduler groups them); others run one group each.
-            groups: dict[int, list[int]] = {}
-            for i, p in enumerate(prompts):
-                groups.setdefault(len(p), []).append(i)
-            results: list[Optional[DecodeResult]] = [None] * len(prompts)
-            for idx in groups.values():
-                sub = self._generate([prompts[i] for i in idx], config,
-                                     [seeds[i] if seeds else config.seed + i for i in idx], on_step, idx,
-                                     [constraints[i] for i in idx] if constraints is not None else None)
-                for i, r in zip(idx, sub):
-                    results[i] = r
-            return results  # type: ignore[return-value]
-        return self._generate(prompts, config, [seeds[i] if seeds else config.seed + i for i in range(len(prompts))],
-                              on_step, list(range(len(prompts))), constraints)
+        reqs = [self.new_request(p, config, seeds[i] if seeds else config.seed + i,
+                                 constraints[i] if constraints is not None else None, rid=i)
+                for i, p in enumerate(prompts)]
+        while True:
+            stepped = self.step(reqs)
+            if not stepped:
+                break
+            if on_step is not None:
+                on_step([r.rid for r in stepped], [r.answer() for r in stepped])
+        return [r.result for r in reqs]
 
-    def _generate(self, prompts, config: DecodeConfig, seeds, on_step=None, ids=None,
-                  constraints=None) -> list[DecodeResult]:
-        cfg, dev = self.cfg, self.device
-        N = config.max_new_tokens
+    def new_request(self, prompt: Sequence[int], config: DecodeConfig, seed: Optional[int] = None,
+                    constraint=None, rid=None) -> DecodeRequest:
+        """Validate and set up one request (raises DLMError on bad input, before any decoding)."""
+        cfg = self.cfg
         config.validate(cfg.block_size if self.block_model else None)
-        for p in prompts:
-            if len(p) == 0:
-                raise DLMError("a prompt is empty; give at least one token (BOS is added in front)")
-            if any(not 0 <= int(t) < cfg.vocab_size for t in p):
-                raise DLMError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {list(p)[:8]}...")
-        t0 = time.perf_counter()
-        B = len(prompts)
-        P = max(len(p) for p in prompts) + 1  # BOS + prompt, left-padded to the longest
-        if self.block_model:
-            bs = cfg.block_size
-            total = -(-(P + N) // bs) * bs
-            gen_len = total - P  # generate to the end of the last block, report N
-        else:
-            bs = config.block_length or N
-            gen_len = N
-            total = P + N
-        if total > cfg.max_position_embeddings:
-            raise DLMError(f"prompt ({P - 1} tokens) + max_new_tokens {N} exceed the model's context of "
-                           f"{cfg.max_position_embeddings} positions; shorten the prompt or generate fewer tokens")
-        mask_id = cfg.mask_token_id
-        canvas = torch.full((B, total), mask_id, dtype=torch.long, device=dev)
-        positions = torch.full((B, total), -1, dtype=torch.long, device=dev)
-        pad = torch.zeros(B, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            row = [cfg.bos_token_id, *map(int, p)]
-            pad[r] = P - len(row)
-            canvas[r, pad[r] : P] = torch.tensor(row, device=dev)
-            canvas[r, : pad[r]] = cfg.pad_token_id
-            positions[r, pad[r]:] = torch.arange(total - int(pad[r]), device=dev)
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        if len(prompt) == 0:
+            raise DLMError("a prompt is empty; give at least one token (BOS is added in front)")
+        if any(not 0 <= int(t) < cfg.vocab_size for t in prompt):
+            raise DLMError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {list(prompt)[:8]}...")
         chooser = self.chooser_factory(config)
-        if constraints is not None and any(c is not None for c in constraints):
+        if constraint is not None:
             from dlm.constraints import ConstrainedChooser
 
-            chooser = ConstrainedChooser(chooser, constraints, eos_id=cfg.eos_token_id)
-        chooser.begin(P, N, canvas)
-        sched = LogLinearSchedule()
+            chooser = ConstrainedChooser(chooser, [constraint], eos_id=cfg.eos_token_id)
+        req = DecodeRequest(rid, prompt, config, config.seed if seed is None else seed, chooser, self)
+        if req.total > cfg.max_position_embeddings:
+            raise DLMError(f"prompt ({len(prompt)} tokens) + max_new_tokens {config.max_new_tokens} exceed the "
+                           f"model's context of {cfg.max_position_embeddings} positions; shorten the prompt or "
+                           "generate fewer tokens")
+        chooser.begin(req.P, req.N, req.canvas[None])
+        return req
 
-        # Blocks over the generated region, as column ranges of the canvas.
-        if self.block_model:
-            blocks = [(max(P, b * bs), (b + 1) * bs) for b in range(P // bs, total // bs)]
+    @torch.no_grad()
+    def step(self, reqs: Sequence[DecodeRequest]) -> list[DecodeRequest]:
+        """One round: each unfinished request in `reqs` gets one network call (batched with the
+        others) and commits tokens. Returns the requests that stepped; finished ones have
+        `.result` set and drop their caches."""
+        work = [r for r in reqs if not r.finished and self._advance(r)]
+        if not work:
+            return []
+        need = []
+        for r in work:
+            if r.changed or r.prev_logits is None or self.cfg.time_conditioning:
+                need.append(r)
+            else:  # nothing changed since the last call (ancestral step): reuse its output
+                r.logits = r.prev_logits
+        self._forward(need)
+        for r in work:
+            r.prev_logits = r.logits
+            self._commit(r)
+        return work
+
+    def cancel(self, req: DecodeRequest) -> None:
+        """Stop a request now (e.g. its client went away); its caches are freed."""
+        if not req.finished:
+            req.cancelled = True
+            self._finish(req)
+
+    # -------------------------------------------------------------- per-request control
+    def _advance(self, r: DecodeRequest) -> bool:
+        """Move past finished blocks; finish the request when it is done. True if it has work."""
+        mask_id = self.cfg.mask_token_id
+        while True:
+            if r.bi >= len(r.blocks):
+                self._finish(r)
+                return False
+            lo, hi = r.block
+            if bool((r.canvas[lo:hi] == mask_id).any()) and r.s_in_block < r.block_steps * 4 + (hi - lo):
+                return True
+            # The block is done: a request whose finished part holds EOS (or a stop sequence) stops.
+            if self._stopped(r.canvas[r.P : hi].tolist(), r.config):
+                self._finish(r)
+                return False
+            r.bi += 1
+            r.s_in_block = 0
+            r.changed, r.prev_logits = True, None
+
+    def _finish(self, r: DecodeRequest) -> None:
+        gen = r.canvas[r.P : r.P + r.N].tolist()
+        out, reason = self._cut(gen, r.config)
+        if r.cancelled:
+            reason = "cancelled"
+        wall = time.perf_counter() - r.t0
+        r.result = DecodeResult(out, reason, {
+            "nfe": r.nfe, "generated_tokens": len(out), "tokens_per_forward": len(out) / max(1, r.nfe),
+            "wall_s": wall, "forward_s": r.t_forward, "other_s": wall - r.t_forward,
+            "constraint_s": r.chooser.elapsed,
+        })
+        r.finished = True
+        r.st, r.prev_logits, r.logits = {"mode": r.config.cache}, None, None
+
+    def _commit(self, r: DecodeRequest) -> None:
+        config, mask_id, chooser = r.config, self.cfg.mask_token_id, r.chooser
+        lo, hi = r.block
+        canvas = r.canvas
+        logits = r.logits  # (W, V): canvas columns [lo, lo + W)
+        region = canvas[lo:hi].clone()
+        cols = (region == mask_id).nonzero(as_tuple=True)[0]
+        r.step_i += 1
+        blk_logits = logits[cols]
+        rows = torch.zeros(cols.numel(), dtype=torch.long)
+        view = canvas[None]
+        tokens, conf, probs = chooser.choose(blk_logits, rows, (lo + cols).cpu(), view, [r.gen])
+        commit = None
+        if config.early_commit:
+            gap = prophet_gap(blk_logits)
+            if gap >= prophet_threshold(r.step_i / max(1, r.steps_total), config.early_commit_gaps):
+                if config.early_commit_scope == "answer":
+                    # fill every mask of the answer with its argmax in this one step (dual / exact
+                    # caches see the block only: they fill the block); a constrained chooser fills
+                    # validly or refuses, and then there is no early commit
+                    mcols = (canvas[lo : lo + logits.shape[0]] == mask_id).nonzero(as_tuple=True)[0]
+                    fill = chooser.fill(0, (lo + mcols).cpu(), logits[mcols], view)
+                    if fill is not None:
+                        canvas[lo + mcols] = fill.to(canvas.device)
+                        commit = torch.zeros_like(rows, dtype=torch.bool)
+                else:
+                    commit = torch.ones_like(rows, dtype=torch.bool)
+                    tokens = blk_logits.double().index_fill(
+                        -1, torch.tensor([mask_id], device=blk_logits.device), float("-inf")).argmax(-1)
+        if commit is None:
+            bsteps, s = r.block_steps, r.s_in_block
+            commit = self._select(config, conf, probs, blk_logits, r.gen, n_masked=cols.numel(),
+                                  steps_left=max(1, bsteps - s), t=(bsteps - s) / bsteps,
+                                  s=(bsteps - s - 1) / bsteps, sched=_SCHEDULE)
+        commit, tokens = chooser.assign(rows, (lo + cols).cpu(), commit, tokens, view)
+        if bool(commit.any()):
+            canvas[lo + cols[commit.to(cols.device)]] = tokens[commit].to(canvas.device)
+        r.changed = bool((canvas[lo:hi] != region).any())  # commits or an early-commit fill
+        r.s_in_block += 1
+
+    # -------------------------------------------------------------- network (batched)
+    def _forward(self, reqs: list[DecodeRequest]) -> None:
+        """Set r.logits for every request: one call per group of requests of the same kind."""
+        groups: dict[tuple, list[DecodeRequest]] = {}
+        for r in reqs:
+            lo, hi = r.block
+            mode = r.st["mode"]
+            if self.block_model:
+                key = ("exact",) if mode == "exact" else ("blockfull", r.total)
+            elif mode == "none" or r.s_in_block == 0:  # prefix / dual refresh once per block
+                key = ("full",)
+            else:
+                key = ("view", (hi if mode == "dual" else r.total) - lo)
+            groups.setdefault(key, []).append(r)
+        for key, group in groups.items():
+            tf = time.perf_counter()
+            if key[0] == "full":
+                self._full(group)
+            elif key[0] == "view":
+                self._view(group, key[1])
+            elif key[0] == "blockfull":
+                canvas = torch.stack([r.canvas for r in group])
+                out = torch.ones_like(canvas, dtype=torch.bool)
+                logits = self.objective.masked_logits(self.model, canvas, canvas, None, out).view(*canvas.shape, -1)
+                for i, r in enumerate(group):
+                    r.logits = logits[i, r.block[0]:]
+            else:
+                self._exact(group)
+            dt = time.perf_counter() - tf
+            for r in group:
+                r.nfe += 1
+                r.t_forward += dt
+
+    def _sigma(self, group: list[DecodeRequest]):
+        """Noise level for time-conditioned MDLM: t = the masked fraction of each answer."""
+        if not self.cfg.time_conditioning:
+            return None
+        t = torch.stack([(r.canvas[r.P :] == self.cfg.mask_token_id).float().mean() for r in group]).clamp(min=1e-3)
+        return _SCHEDULE.sigma(t)
+
+    def _full(self, group: list[DecodeRequest]) -> None:
+        """Whole canvases, left-padded to the longest; prefix / dual caches keep their K/V."""
+        from dlm.model import KVCache
+
+        dev, L = self.device, max(r.total for r in group)
+        canvas = torch.full((len(group), L), self.cfg.pad_token_id, dtype=torch.long, device=dev)
+        positions = torch.full((len(group), L), -1, dtype=torch.long, device=dev)
+        for i, r in enumerate(group):
+            canvas[i, L - r.total :] = r.canvas
+            positions[i, L - r.total :] = torch.arange(r.total, device=dev)
+        am = (positions >= 0).long()
+        refresh = any(r.st["mode"] in ("prefix", "dual") for r in group)
+        kv = KVCache(self.cfg.num_hidden_layers) if refresh else None
+        logits = self.model(canvas, attention_mask=None if bool(am.all()) else am,
+                            position_ids=positions.clamp(min=0), cache=kv, sigma=self._sigma(group)).logits
+        for i, r in enumerate(group):
+            pad = L - r.total
+            r.logits = logits[i, pad + r.block[0] :]
+            if r.st["mode"] in ("prefix", "dual"):
+                own = KVCache(self.cfg.num_hidden_layers)
+                own.k = [k[i : i + 1, :, pad:] for k in kv.k]
+                own.v = [v[i : i + 1, :, pad:] for v in kv.v]
+                r.st = {"mode": r.st["mode"], "kv": own}
+
+    def _view(self, group: list[DecodeRequest], width: int) -> None:
+        """Approximate caches: feed columns [lo, lo + width) only; every other column's K/V comes
+        from the block's refresh (computed when the fed tokens had other values)."""
+        from dlm.model import KVCache
+
+        dev = self.device
+        views = []
+        for r in group:
+            lo = r.block[0]
+            key = (lo, width)
+            if r.st.get("view_key") != key:  # gather the kept K/V once per block
+                kv = r.st["kv"]
+                r.st["view"] = ([torch.cat([k[:, :, :lo], k[:, :, lo + width :]], dim=2) for k in kv.k],
+                                [torch.cat([v[:, :, :lo], v[:, :, lo + width :]], dim=2) for v in kv.v])
+                r.st["view_key"] = key
+            views.append(r.st["view"])
+        lk = [v[0][0].shape[2] for v in views]
+        M = max(lk)
+        batch = KVCache(self.cfg.num_hidden_layers)
+        batch.commit = False
+        batch.k = [_left_pad_cat([v[0][layer] for v in views], M) for layer in range(self.cfg.num_hidden_layers)]
+        batch.v = [_left_pad_cat([v[1][layer] for v in views], M) for layer in range(self.cfg.num_hidden_layers)]
+        key_am = torch.zeros(len(group), M + width, dtype=torch.long, device=dev)
+        for i, n in enumerate(lk):
+            key_am[i, M - n :] = 1
+        ids = torch.stack([r.canvas[r.block[0] : r.block[0] + width] for r in group])
+        pos = torch.stack([torch.arange(r.block[0], r.block[0] + width, device=dev) for r in group])
+        out = self.model(ids, attention_mask=None if bool(key_am.all()) else key_am, position_ids=pos,
+                         cache=batch, sigma=self._sigma(group))
+        for i, r in enumerate(group):
+            r.logits = out.logits[i]
+
+    def _exact(self, group: list[DecodeRequest]) -> None:
+        """Block models: each request's finished clean blocks are encoded once (BD3-LM: their K/V
+        in every layer; E2D2: the encoder's states); a step feeds only the current blocks."""
+        from dlm.model import KVCache
+
+        cfg, dev, bs = self.cfg, self.device, self.cfg.block_size
+        e2d2 = cfg.objective == "e2d2"
+        for r in group:  # append clean blocks [done, b0): block-causal among themselves
+            lo = r.block[0]
+            b0 = (lo // bs) * bs
+            done = r.st.get("clean_len", 0)
+            if done < b0:
+                n = b0 - done
+                blk = torch.arange(done, b0, device=dev) // bs
+                mask = torch.cat([torch.ones(n, done, dtype=torch.bool, device=dev), blk[None, :] <= blk[:, None]], dim=1)
+                pos = torch.arange(done, b0, device=dev)
+                new = r.canvas[None, done:b0]
+                if e2d2:
+                    r.st.setdefault("enc", KVCache(cfg.num_hidden_layers))
+                    states = self.model.encode(new, attn_mask=mask, position_ids=pos, cache=r.st["enc"])
+                    r.st["memory"] = states if done == 0 else torch.cat([r.st["memory"], states], dim=1)
+                else:
+                    r.st.setdefault("kv", KVCache(cfg.num_hidden_layers))
+                    r.st["kv"].commit = True
+                    self.model(new, position_ids=pos, attn_mask=mask, cache=r.st["kv"])
+                r.st["clean_len"] = b0
+        b0s = [(r.block[0] // bs) * bs for r in group]
+        M = max(b0s)
+        ids = torch.stack([r.canvas[b : b + bs] for r, b in zip(group, b0s)])
+        pos = torch.stack([torch.arange(b, b + bs, device=dev) for b in b0s])
+        key_ok = torch.zeros(len(group), M, dtype=torch.bool, device=dev)
+        for i, b in enumerate(b0s):
+            key_ok[i, M - b :] = True
+        if e2d2:
+            mem = torch.zeros(len(group), M, cfg.hidden_size, device=dev, dtype=self.model.dtype)
+            mem_pos = torch.zeros(len(group), M, dtype=torch.long, device=dev)
+            for i, (r, b) in enumerate(zip(group, b0s)):
+                if b:
+                    mem[i, M - b :] = r.st["memory"][0]
+                    mem_pos[i, M - b :] = torch.arange(b, device=dev)
+            attn = None
+            if not bool(key_ok.all()):
+                attn = torch.cat([key_ok[:, None, None, :].expand(-1, 1, bs, -1),
+                                  torch.ones(len(group), 1, bs, bs, dtype=torch.bool, device=dev)], dim=-1)
+            logits = self.model.decode(ids, mem, mem_pos, attn_mask=attn, position_ids=pos).logits
+        elif M == 0:
+            logits = self.model(ids, position_ids=pos).logits
         else:
-            blocks = [(P + i * bs, P + (i + 1) * bs) for i in range(math.ceil(N / bs))]
-        # Fixed-k policies: total steps spread over blocks; default one token per step.
-        steps_total = config.steps or gen_len
-        done = torch.zeros(B, dtype=torch.bool)
-        nfe, step_i = 0, 0
-        t_forward = 0.0
-        st = {"mode": config.cache}
-        self._answer_start = P
-        prev_logits = None
-        row_of = list(range(B))  # current row -> request index (finished rows leave the batch)
-        finished: dict[int, torch.Tensor] = {}
-        ids = list(ids) if ids is not None else list(range(B))
-        for lo, hi in blocks:
-            if bool(done.all()):
-                break
-            width = hi - lo
-            block_steps = max(1, round(steps_total * width / gen_len))
-            changed = True
-            for s_in_block in range(block_steps * 4 + width):  # generous cap; each step commits >= 1 (or ancestral)
-                region = canvas[:, lo:hi].clone()
-                masked = (region == mask_id) & ~done[:, None].to(dev)
-                if not bool(masked.any()):
-                    break
-                if changed or prev_logits is None or cfg.time_conditioning:
-                    tf = time.perf_counter()
-                    logits = self._block_logits(st, canvas, positions, lo, hi, refresh=s_in_block == 0)
-                    t_forward += time.perf_counter() - tf
-                    nfe += 1
-                else:  # nothing changed since the last call (ancestral step): reuse its output
-                    logits = prev_logits
-                prev_logits = logits
-                step_i += 1
-                rows, cols = masked.nonzero(as_tuple=True)
-                blk_logits = logits[rows, cols]
-                tokens, conf, probs = chooser.choose(blk_logits, rows.cpu(), (lo + cols).cpu(), canvas, gens)
-                commit = torch.zeros_like(rows, dtype=torch.bool)
-                progress = step_i / max(1, steps_total)
-                for r in rows.unique().tolist():
-                    sel = rows == r
-                    idx = sel.nonzero(as_tuple=True)[0]
-                    if config.early_commit:
-                        gap = prophet_gap(blk_logits[idx])
-                        if gap >= prophet_threshold(progress, config.early_commit_gaps):
-                            if config.early_commit_scope == "answer":
-                                # fill every mask of the answer with its argmax in this one step
-                                # (dual / exact caches see the block only: they fill the block)
-                                # (a constrained chooser fills validly or refuses: then no early commit)
-                                mcols = (canvas[r, lo : lo + logits.shape[1]] == mask_id).nonzero(as_tuple=True)[0]
-                                fill = chooser.fill(r, lo + mcols, logits[r, mcols], canvas)
-                                if fill is not None:
-                                    canvas[r, lo + mcols] = fill.to(canvas.device)
-                                    commit[idx] = False
-                                    continue
-                            commit[idx] = True
-                            tokens[idx] = blk_logits[idx].double().index_fill(
-                                -1, torch.tensor([mask_id], device=blk_logits.device), float("-inf")).argmax(-1)
-                            continue
-                    commit[idx] = self._select(config, conf[idx], probs[idx], blk_logits[idx], gens[r],
-                                               n_masked=idx.numel(), steps_left=max(1, block_steps - s_in_block),
-                                               t=(block_steps - s_in_block) / block_steps,
-                                               s=(block_steps - s_in_block - 1) / block_steps, sched=sched)
-                commit, tokens = chooser.assign(rows.cpu(), (lo + cols).cpu(), commit, tokens, canvas)
-                if bool(commit.any()):
-                    canvas[rows[commit], lo + cols[commit]] = tokens[commit].to(canvas.device)
-                changed = bool((canvas[:, lo:hi] != region).any())  # commits or an early-commit fill
-                if on_step is not None:
-                    on_step(ids, canvas[:, P : P + N].tolist())
-            # Rows whose finished block holds EOS (or a stop sequence) stop generating.
-            for r in range(canvas.shape[0]):
-                if not done[r] and self._stopped(canvas[r, P:hi].tolist(), config):
-                    done[r] = True
-            if bool(done.any()) and not bool(done.all()):
-                # Finished rows leave the batch: later blocks cost only what is still running.
-                for r in done.nonzero(as_tuple=True)[0].tolist():
-                    finished[row_of[r]] = canvas[r].clone()
-                keep = (~done).nonzero(as_tuple=True)[0]
-                kd = keep.to(dev)
-                canvas, positions, pad = canvas[kd], positions[kd], pad[keep]
-                gens = [gens[i] for i in keep.tolist()]
-                row_of = [row_of[i] for i in keep.tolist()]
-                ids = [ids[i] for i in keep.tolist()]
-                done = done[keep]
-                _keep_rows(st, kd)
-                chooser.keep_rows(keep.tolist())
-                prev_logits = None
-        for r in range(canvas.shape[0]):
-            finished[row_of[r]] = canvas[r]
-        wall = time.perf_counter() - t0
-        results = []
-        for r in range(B):
-            gen = finished[r][P : P + N].tolist()
-            out, reason = self._cut(gen, config)
-            results.append(DecodeResult(out, reason, {
-                "nfe": nfe, "generated_tokens": len(out), "tokens_per_forward": len(out) / max(1, nfe),
-                "wall_s": wall, "forward_s": t_forward, "other_s": wall - t_forward,
-                "constraint_s": chooser.elapsed,
-            }))
-        return results
+            batch = KVCache(cfg.num_hidden_layers)
+            batch.commit = False  # the noisy blocks' K/V must not persist
+            empty = [(None, None)] * len(group)
+            caches = [(r.st["kv"].k, r.st["kv"].v) if b else empty[i] for i, (r, b) in enumerate(zip(group, b0s))]
+            for layer in range(cfg.num_hidden_layers):
+                batch.k[layer] = _left_pad_cat([c[0][layer] if c[0] else None for c in caches], M, like=ids)
+                batch.v[layer] = _left_pad_cat([c[1][layer] if c[1] else None for c in caches], M, like=ids)
+            am = torch.cat([key_ok, torch.ones(len(group), bs, dtype=torch.bool, device=dev)], dim=1).long()
+            logits = self.model(ids, position_ids=pos, cache=batch,
+                                attention_mask=None if bool(am.all()) else am).logits
+        for i, (r, b) in enumerate(zip(group, b0s)):
+            lo, hi = r.block
+            r.logits = logits[i, lo - b : hi - b]
 
     # -------------------------------------------------------------- helpers
     @staticmethod
@@ -540,7 +629,7 @@ class Decoder:
 
     def _stopped(self, tokens: list[int], config: DecodeConfig) -> bool:
         mask_id = self.cfg.mask_token_id
-        if mask_id in tokens:  # only a fully decoded prefix can stop the row
+        if mask_id in tokens:  # only a fully decoded prefix can stop the request
             tokens = tokens[: tokens.index(mask_id)]
         if config.stop_at_eos and self.cfg.eos_token_id in tokens:
             return True
@@ -557,17 +646,17 @@ class Decoder:
         return tokens[:end], reason
 
 
-def _keep_rows(st: dict, keep: torch.Tensor) -> None:
-    """Keep only rows `keep` of every cached tensor in the decoding state."""
-    for key in ("kv", "enc"):
-        cache = st.get(key)
-        if cache is not None:
-            cache.k = [None if k is None else k[keep] for k in cache.k]
-            cache.v = [None if v is None else v[keep] for v in cache.v]
-    if st.get("memory") is not None:
-        st["memory"] = st["memory"][keep]
-    st.pop("view", None)
-    st.pop("view_key", None)
+_SCHEDULE = LogLinearSchedule()
+
+
+def _left_pad_cat(parts: list, length: int, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Stack (1, H, n_i, D) tensors (None = empty) into (B, H, length, D), zero-padded on the left."""
+    ref = next(p for p in parts if p is not None)
+    out = ref.new_zeros(len(parts), ref.shape[1], length, ref.shape[3])
+    for i, p in enumerate(parts):
+        if p is not None and p.shape[2]:
+            out[i, :, length - p.shape[2] :] = p[0]
+    return out
 
 
 def _find(seq: list[int], sub: list[int]) -> int:

@@ -1,6 +1,7 @@
 """The decoder's policies against a hand-built model whose logits are known, plus batching,
 seeds, stopping and bad input on real (tiny, random) models."""
 
+import dataclasses
 import math
 
 import pytest
@@ -270,6 +271,16 @@ def test_exact_cache_gives_identical_tokens(objective, unmask, temperature):
     assert cached[0].stats["nfe"] == plain[0].stats["nfe"]
 
 
+def _requests(dec, canvases, prompt_lens, config):
+    """Decoder requests whose canvases are set by hand (prompt + answer as given)."""
+    reqs = []
+    for row, P in zip(canvases, prompt_lens):
+        r = dec.new_request(row[1:P].tolist(), dataclasses.replace(config, max_new_tokens=len(row) - P))
+        r.canvas[:] = row
+        reqs.append(r)
+    return reqs
+
+
 @pytest.mark.parametrize("objective", ["bd3lm", "e2d2"])
 def test_exact_cache_logits_match_the_full_computation(objective):
     model = real_model(objective, 4, seed=2)
@@ -278,13 +289,19 @@ def test_exact_cache_logits_match_the_full_computation(objective):
     canvas[:, 0] = BOS
     canvas[:, 9:] = MASK
     canvas[:, 13] = 7
-    positions = torch.arange(16)[None].expand(2, -1)
-    full = dec._full_logits(canvas, positions)
-    st = {"mode": "exact"}
+    canvas[1, 5:] = MASK  # the second request has a shorter prompt: its blocks start earlier
+    canvas[1, 10] = 8
     with torch.no_grad():
-        for lo, hi in ((8, 12), (12, 16)):
-            part = dec._block_logits(st, canvas, positions, lo, hi, refresh=True)
-            assert torch.allclose(part, full[:, lo:hi], atol=1e-5)
+        full = dec.objective.masked_logits(model, canvas, canvas, None, torch.ones_like(canvas, dtype=torch.bool))
+        full = full.view(2, 16, -1)
+        reqs = _requests(dec, canvas, [9, 5], DecodeConfig(max_new_tokens=7, cache="exact"))
+        for step in range(3):  # the two requests sit in different blocks: batched with padded caches
+            for r in reqs:
+                r.bi = min(step, len(r.blocks) - 1)
+            dec._forward(reqs)
+            for i, r in enumerate(reqs):
+                lo, hi = r.block
+                assert torch.allclose(r.logits, full[i, lo:hi], atol=1e-5), (step, i)
 
 
 def test_approximate_caches_are_exact_at_refresh_and_close_after():
@@ -293,23 +310,31 @@ def test_approximate_caches_are_exact_at_refresh_and_close_after():
     canvas = torch.randint(3, MASK, (2, 24))
     canvas[:, 0] = BOS
     canvas[:, 8:] = MASK
-    positions = torch.arange(24)[None].expand(2, -1)
+
+    def full_logits(c):
+        return model(c).logits
+
     with torch.no_grad():
         for mode in ("prefix", "dual"):
-            st = {"mode": mode}
-            dec._answer_start = 8
-            first = dec._block_logits(st, canvas, positions, 8, 16, refresh=True)
-            assert torch.allclose(first, dec._full_logits(canvas, positions)[:, 8:], atol=1e-5)
+            reqs = _requests(dec, canvas, [8, 8], DecodeConfig(max_new_tokens=16, block_length=8, cache=mode))
+            dec._forward(reqs)  # the block's first step: a full forward that keeps the K/V
+            first = torch.stack([r.logits for r in reqs])
+            assert torch.allclose(first, full_logits(canvas)[:, 8:], atol=1e-5)
             # commit two tokens of the block: the cached K/V of the rest are now stale
-            c2 = canvas.clone()
-            c2[:, 9] = 5
-            c2[:, 12] = 6
-            approx = dec._block_logits(st, c2, positions, 8, 16, refresh=False)
-            exact = dec._full_logits(c2, positions)[:, 8 : 8 + approx.shape[1]]
+            for r in reqs:
+                r.canvas[9], r.canvas[12] = 5, 6
+                r.s_in_block = 1
+            dec._forward(reqs)
+            approx = torch.stack([r.logits for r in reqs])
+            c2 = torch.stack([r.canvas for r in reqs])
+            exact = full_logits(c2)[:, 8 : 8 + approx.shape[1]]
             err = (approx - exact).abs().max().item()
             assert 0 < err < 0.1 * exact.abs().max().item(), (mode, err)
             # with nothing changed the cached step reproduces the refresh exactly
-            same = dec._block_logits(st, canvas, positions, 8, 16, refresh=False)
+            for r in reqs:
+                r.canvas[:] = canvas[0]
+            dec._forward(reqs)
+            same = torch.stack([r.logits for r in reqs])
             assert torch.allclose(same, first[:, : same.shape[1]], atol=1e-5)
 
 
@@ -361,3 +386,42 @@ def test_row_removal_keeps_caches_consistent(objective, block, cache):
     together = dec.generate(prompts, cfg, seeds=[1, 2, 3])
     for p, sd, t in zip(prompts, [1, 2, 3], together):
         assert dec.generate([p], cfg, seeds=[sd])[0].tokens == t.tokens
+
+
+@pytest.mark.parametrize("objective,block,cache", [("mdlm", None, "none"), ("mdlm", None, "dual"),
+                                                   ("mdlm", None, "prefix"), ("bd3lm", 4, "exact"),
+                                                   ("bd3lm", 4, "none"), ("e2d2", 4, "exact")])
+def test_requests_join_and_leave_between_steps(objective, block, cache):
+    """A scheduler adds requests while others are mid-way (other prompt lengths, block positions
+    and policies): each output equals the request decoded alone, and the steps are shared."""
+    model = real_model(objective, block, seed=5)
+    dec = Decoder(model)
+    cfg_a = DecodeConfig(max_new_tokens=8, block_length=4 if objective == "mdlm" else None, cache=cache,
+                         unmask="threshold", threshold=0.3)
+    cfg_b = dataclasses.replace(cfg_a, unmask="confidence", max_new_tokens=12, temperature=1.0)
+    alone_a = dec.generate([[5, 6, 7]], cfg_a, seeds=[1])[0].tokens
+    alone_b = dec.generate([[9]], cfg_b, seeds=[2])[0].tokens
+    a = dec.new_request([5, 6, 7], cfg_a, seed=1)
+    b = dec.new_request([9], cfg_b, seed=2)
+    live = [a]
+    model_calls = []
+    dec.step(live)
+    dec.step(live)
+    live.append(b)
+    while True:
+        stepped = dec.step(live)
+        if not stepped:
+            break
+        model_calls.append(len(stepped))
+    assert a.result.tokens == alone_a and b.result.tokens == alone_b
+    assert 2 in model_calls  # they did share steps
+
+
+def test_cancel_frees_the_request():
+    dec = Decoder(real_model("mdlm", seed=6))
+    r = dec.new_request([5, 6], DecodeConfig(max_new_tokens=8, cache="dual", block_length=4))
+    dec.step([r])
+    assert r.st.get("kv") is not None
+    dec.cancel(r)
+    assert r.finished and r.result.finish_reason == "cancelled" and r.st.get("kv") is None
+    assert dec.step([r]) == []
