@@ -7,6 +7,8 @@
     dlm ppl MODEL ...              NELBO perplexity bound (diffusion) / exact perplexity (AR)
     dlm sample MODEL ...           draw samples
     dlm export MODEL OUT           AR baseline -> LlamaForCausalLM
+    dlm generate MODEL ...         decode with the fast decoder (policies, caches, constraints)
+    dlm serve MODEL                OpenAI-compatible HTTP server
     dlm bench train ...            training throughput: AR vs MDLM vs RADD, DeepSpeed vs plain torch
 
 Errors caused by input (missing files, bad flags, bad checkpoints) print one line and exit 2.
@@ -242,6 +244,35 @@ def cmd_generate(args) -> None:
                           **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.stats.items()}}))
 
 
+def cmd_serve(args) -> None:
+    from dlm.decode import DecodeConfig
+    from dlm.errors import DLMError
+
+    try:
+        import uvicorn
+
+        from dlm.serving.app import ServerSettings, create_app
+    except ImportError as e:
+        raise DLMError(f"dlm serve needs the serve extra ({e.name} is missing): pip install 'dlm[serve]'") from None
+    from dlm.model import load_model
+
+    block = load_model(args.model).config.objective in ("bd3lm", "e2d2")
+    defaults = DecodeConfig(block_length=args.block_length, steps=args.steps, unmask=args.unmask,
+                            threshold=args.threshold, factor=args.factor, early_commit=args.early_commit,
+                            early_commit_scope=args.early_commit_scope, top_k=args.top_k, top_p=args.top_p,
+                            cache=("exact" if block else "none") if args.cache == "auto" else args.cache)
+    settings = ServerSettings(model_dir=args.model, served_model_name=args.served_model_name, tokenizer=args.tokenizer,
+                              device=args.device, api_key=args.api_key, max_batch=args.max_batch,
+                              max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+                              max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                              trust_remote_code=args.trust_remote_code, defaults=defaults,
+                              default_temperature=args.temperature, default_max_tokens=args.max_tokens)
+    app = create_app(settings)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"dlm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_eval(argv: list[str]) -> int:
     """`dlm eval ARGS`: lm-eval's own command line with the dlm model registered, --model
     defaulting to dlm and --include_path to dlm's offline tasks."""
@@ -291,6 +322,26 @@ def cmd_quickstart(args) -> None:
 
 
 # ------------------------------------------------------------------ parser
+def add_decoding_flags(g) -> None:
+    """The decoder's policy flags (`dlm generate`; `dlm serve` takes them as server defaults)."""
+    from dlm.policies import CACHE_KINDS, UNMASK_POLICIES
+
+    g.add_argument("--block-length", type=int, help="semi-AR block length (divides --max-new-tokens); default: "
+                   "the whole answer, or the model's block size for BD3-LM / E2D2")
+    g.add_argument("--steps", type=int, help="denoising steps for fixed-k policies (default: one token per step)")
+    g.add_argument("--unmask", default="confidence", choices=UNMASK_POLICIES, help="which masks to commit per step")
+    g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold tau for --unmask threshold")
+    g.add_argument("--factor", type=float, default=1.0, help="f of the factor rule for --unmask factor")
+    g.add_argument("--early-commit", action="store_true", help="Prophet early commit (top-2 gap rule)")
+    g.add_argument("--early-commit-scope", default="block", choices=["block", "answer"])
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--cache", default="auto", choices=["auto", *CACHE_KINDS],
+                   help="K/V cache: prefix / dual (approximate, MDLM and RADD), exact (BD3-LM, E2D2); "
+                        "auto = exact for block models, none otherwise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dlm import __version__
 
@@ -361,8 +412,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device")
     sp.set_defaults(func=cmd_sample)
 
-    from dlm.policies import CACHE_KINDS, UNMASK_POLICIES
-
     g = sub.add_parser("generate", help="decode with the fast diffusion decoder (policies as flags)",
                        description="Generate text from a diffusion model (MDLM, RADD, BD3-LM, E2D2) with the "
                                    "dlm decoder. One JSON line per prompt on stdout: completion, finish_reason, "
@@ -370,23 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="model directory")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable; default: one per line on stdin)")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--block-length", type=int, help="semi-AR block length (divides --max-new-tokens); default: "
-                   "the whole answer, or the model's block size for BD3-LM / E2D2")
-    g.add_argument("--steps", type=int, help="denoising steps for fixed-k policies (default: one token per step)")
-    g.add_argument("--unmask", default="confidence", choices=UNMASK_POLICIES, help="which masks to commit per step")
-    g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold tau for --unmask threshold")
-    g.add_argument("--factor", type=float, default=1.0, help="f of the factor rule for --unmask factor")
-    g.add_argument("--early-commit", action="store_true", help="Prophet early commit (top-2 gap rule)")
-    g.add_argument("--early-commit-scope", default="block", choices=["block", "answer"])
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
+    add_decoding_flags(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the i-th gets seed + i)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
-    g.add_argument("--cache", default="auto", choices=["auto", *CACHE_KINDS],
-                   help="K/V cache: prefix / dual (approximate, MDLM and RADD), exact (BD3-LM, E2D2); "
-                        "auto = exact for block models, none otherwise")
     g.add_argument("--show", action="store_true", help="show the canvas filling in (on a terminal)")
     gc = g.add_argument_group("constraints (at most one; every output is then in the language)")
     gc.add_argument("--regex", help="the output must fully match this regular expression")
@@ -398,6 +434,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer")
     g.add_argument("--device")
     g.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (batching across requests, streaming)",
+                        description="Serve a diffusion model over HTTP: /v1/completions, /v1/chat/completions, "
+                                    "/v1/models, /tokenize, /detokenize, /tokenizer_info, /health, /metrics. "
+                                    "Requests share denoising steps; per-request decoding options and structured "
+                                    "outputs (response_format, structured_outputs, guided_*) go in the body.")
+    sv.add_argument("model", help="model directory")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--served-model-name", help="model id clients send (default: the directory name)")
+    sv.add_argument("--api-key", default=os.environ.get("DLM_API_KEY"),
+                    help="require Authorization: Bearer KEY (default: $DLM_API_KEY; none = open)")
+    sv.add_argument("--max-batch", type=int, default=32, help="requests decoded together per step")
+    sv.add_argument("--max-queue", type=int, default=256, help="queued + running jobs before 429")
+    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cancelled")
+    sv.add_argument("--max-tokens", type=int, default=16, help="default max_tokens (OpenAI's default is 16)")
+    sv.add_argument("--trust-remote-code", action="store_true", help="allow custom code in the tokenizer directory")
+    sv.add_argument("--tokenizer")
+    sv.add_argument("--device")
+    add_decoding_flags(sv)
+    sv.set_defaults(func=cmd_serve, temperature=1.0)
 
     ex = sub.add_parser("export", help="export an AR model as a standard LlamaForCausalLM")
     sub.add_parser("eval", help="lm-eval with the dlm model and offline tasks (lm-eval's own arguments)",

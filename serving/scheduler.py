@@ -1,0 +1,174 @@
+"""Batching across requests: one thread owns the model and steps every live request together.
+
+Each HTTP request becomes one or more `Job`s (one per prompt and per choice). The scheduler
+admits queued jobs between steps (up to `max_batch` live at once), calls `Decoder.step` on the
+live ones (one network call each, batched), pushes progress (newly final tokens) to each job's
+asyncio queue, and retires finished, cancelled and timed-out jobs at once, freeing their slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from dlm.decode import DecodeConfig, Decoder, DecodeRequest
+from dlm.errors import DLMError
+
+
+class QueueFull(Exception):
+    """The server has `max_queue` jobs waiting or running: retry later."""
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    config: DecodeConfig
+    seed: int
+    constraint: object = None
+    deadline: Optional[float] = None
+    loop: Optional[asyncio.AbstractEventLoop] = None
+    events: Optional[asyncio.Queue] = None  # ("tokens", final prefix) / ("done", DecodeResult) / ("error", msg)
+    request: Optional[DecodeRequest] = None
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: Optional[float] = None
+    sent: int = 0  # final answer tokens already reported
+
+    def post(self, kind: str, value) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class Scheduler:
+    def __init__(self, decoder: Decoder, max_batch: int = 32, max_queue: int = 256, metrics=None):
+        self.decoder = decoder
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.pending: collections.deque[Job] = collections.deque()
+        self.live: list[Job] = []
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.steps = 0
+        self.thread = threading.Thread(target=self._run, name="dlm-scheduler", daemon=True)
+        self.thread.start()
+
+    # ---------------------------------------------------------- called from the web server
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs (all or none). Raises QueueFull when they do not fit, DLMError on bad input."""
+        for j in jobs:  # validate here, in the caller's thread: bad input never reaches the batch
+            j.request = self.decoder.new_request(j.prompt, j.config, j.seed, j.constraint)
+            j.loop = asyncio.get_running_loop()
+            j.events = asyncio.Queue()
+        with self.lock:
+            if len(self.pending) + len(self.live) + len(jobs) > self.max_queue:
+                raise QueueFull()
+            self.pending.extend(jobs)
+            self.lock.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: the job leaves at the next step boundary."""
+        job.cancelled = True
+        with self.lock:
+            self.lock.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.pending)
+
+    @property
+    def running(self) -> int:
+        return len(self.live)
+
+    def close(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        self.thread.join(timeout=10)
+
+    # ---------------------------------------------------------- the loop
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.lock:
+                while not self.stopping and not self.pending and not self.live:
+                    self.lock.wait()
+                if self.stopping:
+                    for j in list(self.pending) + self.live:
+                        j.post("error", "the server is shutting down")
+                    return
+                while self.pending and len(self.live) < self.max_batch:
+                    self.live.append(self.pending.popleft())
+            self._retire_cancelled()
+            if not self.live:
+                continue
+            try:
+                self.decoder.step([j.request for j in self.live])
+            except Exception as e:  # a fault in one step must not kill the server: fail the batch's jobs
+                for j in self.live:
+                    self.decoder.cancel(j.request)
+                    j.post("error", f"decoding failed: {type(e).__name__}: {e}")
+                self.live = []
+                continue
+            self.steps += 1
+            now = time.perf_counter()
+            keep = []
+            for j in self.live:
+                r = j.request
+                if r.finished:
+                    self._report_progress(j, final=True)
+                    j.post("done", r.result)
+                    if self.metrics:
+                        self.metrics.finished(j, r.result)
+                    continue
+                if j.deadline is not None and now > j.deadline:
+                    self.decoder.cancel(r)
+                    j.post("error", "timeout")
+                    continue
+                self._report_progress(j)
+                keep.append(j)
+            self.live = keep
+
+    def _retire_cancelled(self) -> None:
+        with self.lock:
+            gone = [j for j in self.pending if j.cancelled]
+            for j in gone:
+                self.pending.remove(j)
+        for j in [j for j in self.live if j.cancelled]:
+            self.decoder.cancel(j.request)
+            gone.append(j)
+        self.live = [j for j in self.live if not j.cancelled]
+        if self.metrics:
+            for _ in gone:
+                self.metrics.cancelled()
+
+    def _report_progress(self, job: Job, final: bool = False) -> None:
+        """Post the answer's final prefix (tokens before the first MASK) when it grew."""
+        r = job.request
+        if final:
+            n = len(r.result.tokens)
+            toks = r.result.tokens
+        else:
+            ans = r.answer()
+            mask = self.decoder.cfg.mask_token_id
+            n = ans.index(mask) if mask in ans else len(ans)
+            toks = ans[:n]
+        if n > job.sent or final:
+            if job.first_token is None and n > 0:
+                job.first_token = time.perf_counter()
+            job.sent = n
+            job.post("tokens", toks)
+
+
+def check_request_limits(prompt_len: int, max_new_tokens: int, context: int, max_tokens_limit: int) -> None:
+    if max_new_tokens > max_tokens_limit:
+        raise DLMError(f"max_tokens {max_new_tokens} exceeds this server's limit of {max_tokens_limit}")
+    if prompt_len + 1 + max_new_tokens > context:
+        raise DLMError(f"prompt ({prompt_len} tokens) + max_tokens {max_new_tokens} exceed the model's context of "
+                       f"{context} positions")
