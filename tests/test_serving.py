@@ -49,7 +49,6 @@ def model_dir(tmp_path_factory):
 class Server:
     def __init__(self, model_dir, **settings):
         import uvicorn
-
         from dlm.serving.app import ServerSettings, create_app
 
         self.port = _free_port()
