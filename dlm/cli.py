@@ -513,7 +513,8 @@ held-out English). Examples:
   dlm eval --model_args pretrained=DIR --tasks hellaswag,lambada_openai   # hub tasks, online
 
 Model arguments: pretrained, tokenizer, device, batch_size, mc_samples (Monte Carlo samples of
-the ELBO, default 32), max_length, seed, and the decoder options unmask, threshold, factor,
+the ELBO, default 32), loglikelihood (elbo, the default, or chain: the deterministic left-to-right
+chain score that `dlm serve` returns for echo + logprobs), max_length, seed, and the decoder options unmask, threshold, factor,
 block_length, steps, cache, early_commit, early_commit_scope, top_k, top_p. See
 dlm/evals/lm_eval_model.py for what each request type computes.
 """

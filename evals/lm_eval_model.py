@@ -38,6 +38,10 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+# lm-eval fills its registry with the built-in models (hf, local-completions, ...) only when the
+# registry is empty; load them first so registering "dlm" does not hide them.
+import lm_eval.models  # noqa: E402, F401, I001
+
 from dlm.errors import DLMError
 
 DECODER_ARGS = {"unmask": str, "threshold": float, "factor": float, "block_length": int, "steps": int,
@@ -51,7 +55,7 @@ def _as_bool(v) -> bool:
 @register_model("dlm")
 class DLMEvalModel(LM):
     def __init__(self, pretrained: str = None, tokenizer: Optional[str] = None, device: Optional[str] = None,
-                 batch_size=8, mc_samples=32, max_length=None, seed=0, **decoder_args):
+                 batch_size=8, mc_samples=32, max_length=None, seed=0, loglikelihood="elbo", **decoder_args):
         super().__init__()
         from dlm.model import load_model
         from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
@@ -70,6 +74,10 @@ class DLMEvalModel(LM):
             raise DLMError(f"mc_samples must be at least 1, got {mc_samples}")
         self.max_length = int(max_length or self.cfg.max_position_embeddings)
         self.seed = int(seed)
+        if loglikelihood not in ("elbo", "chain"):
+            raise DLMError(f"loglikelihood must be 'elbo' (Monte Carlo ELBO) or 'chain' (left-to-right chain, "
+                           f"what `dlm serve` returns for echo + logprobs), got {loglikelihood!r}")
+        self.ll_method = loglikelihood
         unknown = sorted(set(decoder_args) - set(DECODER_ARGS))
         if unknown:
             raise DLMError(f"unknown model_args {', '.join(unknown)}; decoder options are {', '.join(DECODER_ARGS)}")
@@ -147,6 +155,8 @@ class DLMEvalModel(LM):
                 ctx = [ctx[0], *tail[len(tail) - (keep - 1):]] if keep > 1 else [ctx[0]]
             if self.is_ar:
                 results.append(self._ar_score(ctx, cont))
+            elif getattr(self, "ll_method", "elbo") == "chain":
+                results.append(self._chain_score(ctx, cont))
             else:
                 results.append((self.elbo(ctx, cont), self._greedy(ctx, cont)))
         return results
@@ -158,6 +168,14 @@ class DLMEvalModel(LM):
         target = torch.tensor(cont, device=self.device_)
         ll = logp.gather(-1, target[:, None]).sum().item()
         return ll, bool((logits.argmax(-1) == target).all())
+
+    def _chain_score(self, ctx, cont):
+        """Left-to-right chain (dlm.scoring): deterministic, what the server's echo logprobs sum to."""
+        from dlm.scoring import token_logprobs
+
+        lp, top, _ = token_logprobs(self.model, ctx + cont, objective=self.objective)
+        n = len(ctx)
+        return float(sum(lp[n:])), all(top[i] == t for i, t in enumerate(cont, start=n))
 
     def _layout(self, ctx, cont):
         """Canvas (1, T) padded to whole blocks for block models, and the continuation positions."""

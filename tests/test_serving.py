@@ -304,3 +304,27 @@ def test_echo_logprobs_follow_the_chain_rule_scores(server, model_dir):
     want, _, _ = token_logprobs(model, [model.config.bos_token_id, *ids])
     assert lp["token_logprobs"][1:len(ids)] == pytest.approx(want[2 : len(ids) + 1], abs=1e-5)
     assert all(max(t.values()) >= v - 1e-9 for t, v in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
+
+
+def test_lm_eval_local_completions_matches_in_process(server, model_dir, tmp_path):
+    """lm-eval's own `local-completions` client against the server, and the in-process "dlm"
+    model with the same (chain) loglikelihood: identical per-sample scores and accuracy."""
+    import subprocess
+    import sys
+
+    from helpers import child_env
+
+    def run(model, args, out):
+        r = subprocess.run([sys.executable, "-m", "dlm.cli", "eval", "--model", model, "--model_args", args,
+                            "--tasks", "dlm_add_mc", "--limit", "6", "--output_path", str(out), "--log_samples"],
+                           capture_output=True, text=True, env=child_env(), timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        samples = [json.loads(line) for p in out.rglob("samples_*.jsonl") for line in open(p)]
+        return sorted((s["doc_id"], [float(x[0][0]) for x in s["resps"]]) for s in samples)
+
+    remote = run("local-completions", f"model=tiny,base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
+                                      f"tokenizer={model_dir},num_concurrent=2,max_retries=1", tmp_path / "remote")
+    local = run("dlm", f"pretrained={model_dir},loglikelihood=chain", tmp_path / "local")
+    assert [d for d, _ in remote] == [d for d, _ in local] and len(remote) == 6
+    for (_, a), (_, b) in zip(remote, local):
+        assert a == pytest.approx(b, abs=1e-4)
