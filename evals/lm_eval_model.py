@@ -34,13 +34,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
-
 # lm-eval fills its registry with the built-in models (hf, local-completions, ...) only when the
 # registry is empty; load them first so registering "dlm" does not hide them.
 import lm_eval.models  # noqa: E402, F401, I001
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
 
 from dlm.errors import DLMError
 

@@ -347,21 +347,23 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
         submit(jobs)
         results: list = [None] * len(jobs)
         pending = set(range(len(jobs)))
+        events = jobs[0].events
+        checked = time.perf_counter()
         try:
             while pending:
-                for i in list(pending):
-                    q = jobs[i].events
-                    while not q.empty():
-                        kind, value = q.get_nowait()
-                        if kind == "done":
-                            results[i] = value
-                            pending.discard(i)
-                        elif kind == "error":
-                            raise job_error(value)
-                if pending:
+                try:
+                    i, kind, value = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    kind = None
+                if time.perf_counter() - checked > 0.25:  # progress events must not hide a disconnect
+                    checked = time.perf_counter()
                     if await request.is_disconnected():
                         raise asyncio.CancelledError()
-                    await asyncio.sleep(0.005)
+                if kind == "done":
+                    results[i] = value
+                    pending.discard(i)
+                elif kind == "error":
+                    raise job_error(value)
         finally:
             for j in jobs:
                 if not (j.request and j.request.finished):
@@ -571,44 +573,44 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
         submit(jobs)
         hold = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop string
 
-        async def events():
+        events = jobs[0].events
+
+        async def stream():
             sent_text = [""] * len(jobs)
             done = [False] * len(jobs)
             used = 0
             try:
                 while not all(done):
-                    progressed = False
-                    for i, j in enumerate(jobs):
-                        while not done[i] and not j.events.empty():
-                            progressed = True
-                            kind, value = j.events.get_nowait()
-                            if kind == "error":
-                                e = job_error(value)
-                                yield f"data: {json.dumps(error_body(e.message, e.type, None, e.code))}\n\n"
-                                done[i] = True
-                                continue
-                            if kind == "tokens":
-                                text, reason = finish_text(_cut_eos(value, cfg.eos_token_id), "", stops)
-                                if reason == "stop" and len(text) < len(tokenizer.decode(value, skip_special_tokens=True)):
-                                    visible = text  # a stop string appeared: everything before it is final
-                                else:
-                                    visible = text[: max(0, len(text) - hold)] if hold else text
-                                    if visible.endswith("\ufffd"):  # half a UTF-8 character: wait
-                                        visible = visible[:-1]
-                                if len(visible) > len(sent_text[i]) and visible.startswith(sent_text[i]):
-                                    yield f"data: {json.dumps(make_chunk(i, visible[len(sent_text[i]):], None))}\n\n"
-                                    sent_text[i] = visible
-                            elif kind == "done":
-                                text, reason = finish_text(value.tokens, value.finish_reason, stops)
-                                if len(text) > len(sent_text[i]) and text.startswith(sent_text[i]):
-                                    yield f"data: {json.dumps(make_chunk(i, text[len(sent_text[i]):], None))}\n\n"
-                                yield f"data: {json.dumps(make_chunk(i, '', reason))}\n\n"
-                                used += len(value.tokens)
-                                done[i] = True
-                    if not progressed:
+                    try:
+                        i, kind, value = await asyncio.wait_for(events.get(), timeout=0.25)
+                    except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             return
-                        await asyncio.sleep(0.005)
+                        continue
+                    if done[i]:
+                        continue
+                    if kind == "error":
+                        e = job_error(value)
+                        yield f"data: {json.dumps(error_body(e.message, e.type, None, e.code))}\n\n"
+                        done[i] = True
+                    elif kind == "tokens":
+                        text, reason = finish_text(_cut_eos(value, cfg.eos_token_id), "", stops)
+                        if reason == "stop" and len(text) < len(tokenizer.decode(value, skip_special_tokens=True)):
+                            visible = text  # a stop string appeared: everything before it is final
+                        else:
+                            visible = text[: max(0, len(text) - hold)] if hold else text
+                            if visible.endswith("\ufffd"):  # half a UTF-8 character: wait
+                                visible = visible[:-1]
+                        if len(visible) > len(sent_text[i]) and visible.startswith(sent_text[i]):
+                            yield f"data: {json.dumps(make_chunk(i, visible[len(sent_text[i]):], None))}\n\n"
+                            sent_text[i] = visible
+                    elif kind == "done":
+                        text, reason = finish_text(value.tokens, value.finish_reason, stops)
+                        if len(text) > len(sent_text[i]) and text.startswith(sent_text[i]):
+                            yield f"data: {json.dumps(make_chunk(i, text[len(sent_text[i]):], None))}\n\n"
+                        yield f"data: {json.dumps(make_chunk(i, '', reason))}\n\n"
+                        used += len(value.tokens)
+                        done[i] = True
                 u = usage_chunk({"prompt_tokens": sum(len(j.prompt) for j in jobs[:1]), "completion_tokens": used,
                                  "total_tokens": sum(len(j.prompt) for j in jobs[:1]) + used})
                 if u is not None:
@@ -619,7 +621,7 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
                     if not (j.request and j.request.finished):
                         scheduler.cancel(j)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app

@@ -33,7 +33,8 @@ class Job:
     constraint: object = None
     deadline: Optional[float] = None
     loop: Optional[asyncio.AbstractEventLoop] = None
-    events: Optional[asyncio.Queue] = None  # ("tokens", final prefix) / ("done", DecodeResult) / ("error", msg)
+    events: Optional[asyncio.Queue] = None  # shared by the jobs of one HTTP request: (index, kind, value),
+    index: int = 0  # kind "tokens" (final prefix) / "done" (DecodeResult) / "error" (message)
     request: Optional[DecodeRequest] = None
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -42,7 +43,7 @@ class Job:
 
     def post(self, kind: str, value) -> None:
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
 
 
 class Scheduler:
@@ -62,10 +63,10 @@ class Scheduler:
     # ---------------------------------------------------------- called from the web server
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs (all or none). Raises QueueFull when they do not fit, DLMError on bad input."""
-        for j in jobs:  # validate here, in the caller's thread: bad input never reaches the batch
+        events = asyncio.Queue()
+        for i, j in enumerate(jobs):  # validate here, in the caller's thread: bad input never reaches the batch
             j.request = self.decoder.new_request(j.prompt, j.config, j.seed, j.constraint)
-            j.loop = asyncio.get_running_loop()
-            j.events = asyncio.Queue()
+            j.loop, j.events, j.index = asyncio.get_running_loop(), events, i
         with self.lock:
             if len(self.pending) + len(self.live) + len(jobs) > self.max_queue:
                 raise QueueFull()

