@@ -40,7 +40,7 @@ from dlm.errors import DLMError
 
 KINDS = ("regex", "json", "choice", "grammar")
 DEFAULT_WHITESPACE = r"[ ]?"  # between JSON tokens: compact output, a small DFA
-MAX_DENSE_ENTRIES = 64_000_000  # (states x vocab) above this: use the witness engine instead
+MAX_DENSE_ENTRIES = 16_000_000  # (states x vocab) above this: use the witness engine instead (128 MB)
 
 
 # ------------------------------------------------------------------ the user's constraint
@@ -108,6 +108,10 @@ class Constraint:
             from outlines_core.json_schema import build_regex_from_schema
 
             schema = self.schema if self.spec else {"type": "object"}
+            schema = _small_ranges_as_enums(schema)
+            unenforced = sorted(_keywords(schema) & REGEX_UNENFORCED)
+            if unenforced:  # outlines-core would silently ignore them: not a guarantee
+                raise _NotRegular(f"keywords {', '.join(unenforced)}")
             try:
                 return build_regex_from_schema(json.dumps(schema), DEFAULT_WHITESPACE)
             except Exception as e:  # outlines-core: ValueError for unsupported keywords / types
@@ -117,6 +121,56 @@ class Constraint:
     def describe(self) -> str:
         text = self.spec if len(self.spec) < 60 else self.spec[:57] + "..."
         return f"{self.kind} {text!r}" if self.spec else "any JSON object"
+
+
+# JSON Schema keywords outlines-core's regex translation does not enforce; schemas using them
+# (after small integer ranges become enums) go to llguidance, which enforces them or says which
+# keyword it cannot handle.
+REGEX_UNENFORCED = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+                    "minProperties", "maxProperties", "contains", "minContains", "maxContains", "patternProperties",
+                    "propertyNames", "dependentRequired", "dependentSchemas", "if", "then", "else", "not",
+                    "unevaluatedProperties", "unevaluatedItems"}
+MAX_ENUM_RANGE = 1000
+
+
+class _NotRegular(Exception):
+    pass
+
+
+def _keywords(node) -> set:
+    """Every keyword used anywhere in a schema (property names excluded)."""
+    out = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.add(k)
+            if k in ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas"):
+                for sub in (v.values() if isinstance(v, dict) else []):
+                    out |= _keywords(sub)
+            elif k not in ("enum", "const", "required", "examples", "default"):
+                out |= _keywords(v)
+    elif isinstance(node, list):
+        for v in node:
+            out |= _keywords(v)
+    return out
+
+
+def _small_ranges_as_enums(node):
+    """{"type": "integer", "minimum": a, "maximum": b} with b - a <= MAX_ENUM_RANGE -> an enum, which
+    the token DFA enforces exactly (outlines-core ignores numeric bounds)."""
+    if isinstance(node, list):
+        return [_small_ranges_as_enums(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: (v if k in ("enum", "const", "required", "examples", "default") else _small_ranges_as_enums(v))
+            for k, v in node.items()}
+    if node.get("type") == "integer" and not {"multipleOf"} & set(node):
+        lo = node.get("minimum", node["exclusiveMinimum"] + 1 if isinstance(node.get("exclusiveMinimum"), int) else None)
+        hi = node.get("maximum", node["exclusiveMaximum"] - 1 if isinstance(node.get("exclusiveMaximum"), int) else None)
+        if isinstance(lo, int) and isinstance(hi, int) and 0 <= hi - lo <= MAX_ENUM_RANGE:
+            rest = {k: v for k, v in node.items() if k not in ("type", "minimum", "maximum", "exclusiveMinimum",
+                                                                  "exclusiveMaximum")}
+            return {**rest, "enum": list(range(lo, hi + 1))}
+    return node
 
 
 def _escape(text: str) -> str:
@@ -239,6 +293,15 @@ class TokenDFA:
         out[self.dead] = float("-inf")
         return out
 
+    @property
+    def _one_step(self) -> torch.Tensor:
+        """(S, S) float: 1 where some single token leads from state s to state s'."""
+        if getattr(self, "_one_step_cache", None) is None:
+            m = torch.zeros(self.num_states, self.num_states)
+            m[self.edge_src, self.edge_dst] = 1.0
+            self._one_step_cache = m
+        return self._one_step_cache
+
     def reachable(self, state: int, slots: Sequence[int], mask_id: int) -> list[torch.Tensor]:
         """Forward state sets: sets[i] = states possible before slot i (len(slots) + 1 sets)."""
         f = torch.zeros(self.num_states, dtype=torch.bool)
@@ -246,8 +309,7 @@ class TokenDFA:
         sets = [f]
         for t in slots:
             if t == mask_id:
-                n = torch.zeros_like(f)
-                n[self.edge_dst[f[self.edge_src]]] = True
+                n = (f.float() @ self._one_step) > 0
             else:
                 n = torch.zeros_like(f)
                 n[self.table[f, t]] = True
@@ -263,8 +325,7 @@ class TokenDFA:
         sets = [g]
         for t in reversed(slots):
             if t == mask_id:
-                n = torch.zeros_like(g)
-                n[self.edge_src[g[self.edge_dst]]] = True
+                n = (self._one_step @ g.float()) > 0
             else:
                 n = g[self.table[:, t]]
             n[self.dead] = False
@@ -281,9 +342,30 @@ class TokenDFA:
         rows = []
         for i in query:
             src = fw[i].nonzero(as_tuple=True)[0]
-            rows.append(bw[i + 1][self.table[src]].any(0) if src.numel() else
-                        torch.zeros(self.vocab_size, dtype=torch.bool))
+            rows.append(bw[i + 1][self.table[src]].any(0))
         return torch.stack(rows) if rows else torch.zeros(0, self.vocab_size, dtype=torch.bool)
+
+    def allowed_fast(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
+                     query: Sequence[int]) -> torch.Tensor:
+        """Like `allowed`, exact for the first queried slot and, for the others, the tokens some
+        forward-reachable state accepts (completability is left to the DP, which enforces it):
+        one (Q, S) x (S, V) product instead of a gather per slot. Used to rank positions."""
+        if not query:
+            return torch.zeros(0, self.vocab_size, dtype=torch.bool)
+        fw = self.reachable(state, slots[: max(query) + 1], mask_id)
+        i = query[0]
+        after = self.coreachable(slots[i + 1 :], mask_id, left_after)[0]
+        exact = after[self.table[fw[i].nonzero(as_tuple=True)[0]]].any(0, keepdim=True)
+        if len(query) == 1:
+            return exact
+        before = torch.stack([fw[j] for j in query[1:]]).to(self._live_f.dtype)
+        return torch.cat([exact, (before @ self._live_f) > 0])
+
+    @property
+    def _live_f(self) -> torch.Tensor:
+        if getattr(self, "_live_cache", None) is None:
+            self._live_cache = (self.table != self.dead).float()
+        return self._live_cache
 
     def best_assignment(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
                         scores: dict[int, torch.Tensor]) -> Optional[dict[int, int]]:
@@ -391,9 +473,8 @@ class GrammarEngine:
                 return False
         return m.is_accepting()
 
-    def witness(self, slots: Sequence[int], mask_id: int, prefs: dict[int, torch.Tensor],
-                prior: Optional[torch.Tensor], budget: int = 3000, width: int = 3,
-                close_window: int = 6) -> Optional[list[int]]:
+    def _search(self, slots: Sequence[int], mask_id: int, prefs: dict[int, torch.Tensor],
+                prior: Optional[torch.Tensor], budget: int, width: int, close_window: int) -> Optional[list[int]]:
         """A concrete valid completion of `slots` (MASK: one unknown token each), found by a
         depth-first search that tries the best-scored allowed tokens first (`prefs` per slot,
         else `prior`; EOS first where the grammar accepts and no scores are known; in the last
@@ -471,6 +552,18 @@ class GrammarEngine:
         finally:
             sys.setrecursionlimit(limit)
 
+    def witness(self, slots: Sequence[int], mask_id: int, prefs: dict[int, torch.Tensor],
+                prior: Optional[torch.Tensor], budget: int = 3000, width: int = 3) -> Optional[list[int]]:
+        """A concrete valid completion of `slots` (MASK: one unknown token each), or None.
+        First a search that follows the model (closing only in the last slots); if that fails,
+        one that closes the output as early as it can (short witnesses fit any budget)."""
+        n = len(slots)
+        for window in (6, n):
+            w = self._search(slots, mask_id, prefs, prior, budget // 2, width, window)
+            if w is not None:
+                return w
+        return None
+
 
 # ------------------------------------------------------------------ compile (cached)
 @dataclass
@@ -524,7 +617,7 @@ class ConstraintCompiler:
         else:
             try:
                 compiled = CompiledConstraint(constraint, dfa=self._dfa(constraint))
-            except _TooLarge:
+            except (_TooLarge, _NotRegular):
                 compiled = CompiledConstraint(constraint, engine=self._engine(self._ll_grammar(constraint), constraint))
         compiled.compile_s = time.perf_counter() - t0
         with _CACHE_LOCK:
@@ -569,7 +662,12 @@ class ConstraintCompiler:
 
             self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=len(self.tokenizer),
                                                        eos_token=self.eos_id)
-        return GrammarEngine(grammar, self._lltok, self.vocab_size, self.eos_id, constraint.describe())
+        try:
+            return GrammarEngine(grammar, self._lltok, self.vocab_size, self.eos_id, constraint.describe())
+        except DLMError as e:
+            if constraint.kind == "json":
+                raise DLMError(f"unsupported JSON schema: {e}") from None
+            raise
 
 
 class _TooLarge(Exception):
@@ -714,7 +812,7 @@ class ConstrainedChooser:
         if c.dfa is not None:
             f, e = self._span(slots, query)
             state = c.dfa.walk(c.dfa.initial, slots[:f])
-            return c.dfa.allowed(state, slots[f:e], self.mask_id, self.N - e, [q - f for q in query])
+            return c.dfa.allowed_fast(state, slots[f:e], self.mask_id, self.N - e, [q - f for q in query])
         # grammar: exact at the first open slot (after a fixed prefix), open elsewhere
         out = torch.ones(len(query), V, dtype=torch.bool)
         f, _ = self._span(slots, [])
