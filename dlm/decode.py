@@ -466,10 +466,12 @@ class Decoder:
                 self._view(group, key[1])
             elif key[0] == "blockfull":
                 canvas = torch.stack([r.canvas for r in group])
-                out = torch.ones_like(canvas, dtype=torch.bool)
-                logits = self.objective.masked_logits(self.model, canvas, canvas, None, out).view(*canvas.shape, -1)
+                out = torch.zeros_like(canvas, dtype=torch.bool)
                 for i, r in enumerate(group):
-                    r.logits = logits[i, r.block[0]:]
+                    out[i, r.block[0] :] = True  # the LM head only from the current block on
+                flat = self.objective.masked_logits(self.model, canvas, canvas, None, out)
+                for r, part in zip(group, flat.split([r.total - r.block[0] for r in group])):
+                    r.logits = part
             else:
                 self._exact(group)
             dt = time.perf_counter() - tf
@@ -497,11 +499,16 @@ class Decoder:
         am = (positions >= 0).long()
         refresh = any(r.st["mode"] in ("prefix", "dual") for r in group)
         kv = KVCache(self.cfg.num_hidden_layers) if refresh else None
-        logits = self.model(canvas, attention_mask=None if bool(am.all()) else am,
-                            position_ids=positions.clamp(min=0), cache=kv, sigma=self._sigma(group)).logits
+        # the LM head only where logits are read: from each request's current block on
+        out = torch.zeros_like(canvas, dtype=torch.bool)
+        for i, r in enumerate(group):
+            out[i, L - r.total + r.block[0] :] = True
+        flat = self.model(canvas, attention_mask=None if bool(am.all()) else am, position_ids=positions.clamp(min=0),
+                          cache=kv, sigma=self._sigma(group), output_positions=out).logits
+        parts = flat.split([r.total - r.block[0] for r in group])
         for i, r in enumerate(group):
             pad = L - r.total
-            r.logits = logits[i, pad + r.block[0] :]
+            r.logits = parts[i]
             if r.st["mode"] in ("prefix", "dual"):
                 own = KVCache(self.cfg.num_hidden_layers)
                 own.k = [k[i : i + 1, :, pad:] for k in kv.k]

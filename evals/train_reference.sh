@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# Reference models for the decoding benchmark and the lm-eval table: an MDLM and a same-size AR
-# model trained alike on the checkable tasks of the embedded corpus (offline, CPU-friendly).
-#   bash evals/train_reference.sh [OUT_DIR] [STEPS] [SIZE]
+# Reference models for the decoding / serving / constrained benchmarks and the lm-eval table:
+# diffusion models and a same-size AR model trained alike on the checkable tasks of the embedded
+# corpus (offline, CPU-friendly). The first model trains the tokenizer; the others reuse it.
+#   bash evals/train_reference.sh [OUT_DIR] [STEPS] [SIZE] [OBJECTIVES]
+#   bash evals/train_reference.sh runs/reference 5000 tiny "mdlm ar"          # about 20 min each, 2 cores
+#   bash evals/train_reference.sh runs/reference 5000 tiny "bd3lm e2d2"       # block size 8
 set -euo pipefail
 OUT=${1:-runs/reference}
-STEPS=${2:-2000}
+STEPS=${2:-5000}
 SIZE=${3:-tiny}
+OBJECTIVES=${4:-mdlm ar}
 COMMON=(--data default-tasks --size "$SIZE" --seq-len 256 --micro-batch 16 --max-steps "$STEPS" --lr 1e-3
         --warmup-steps 100 --vocab-size 2048 --max-positions 1280 --eval-every 500 --save-every 500 --resume)
-dlm train --objective mdlm --output-dir "$OUT/mdlm" "${COMMON[@]}"
-dlm train --objective ar --output-dir "$OUT/ar" --tokenizer "$OUT/mdlm/tokenizer" "${COMMON[@]}"
+for obj in $OBJECTIVES; do
+  extra=()
+  case "$obj" in
+    bd3lm|e2d2) extra=(--block-size 8) ;;
+  esac
+  tok=()
+  if [ -d "$OUT/mdlm/tokenizer" ] && [ "$obj" != mdlm ]; then tok=(--tokenizer "$OUT/mdlm/tokenizer"); fi
+  dlm train --objective "$obj" --output-dir "$OUT/$obj" "${tok[@]}" "${extra[@]}" "${COMMON[@]}"
+done

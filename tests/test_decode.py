@@ -41,7 +41,10 @@ class KnownModel(torch.nn.Module):
         self.batch_sizes.append(input_ids.shape[0])
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1])[None].expand(input_ids.shape[0], -1)
-        return type("Out", (), {"logits": self.table[position_ids]})()
+        logits = self.table[position_ids]
+        if kw.get("output_positions") is not None:  # like DLMModel: only there, flattened
+            logits = logits[kw["output_positions"]]
+        return type("Out", (), {"logits": logits})()
 
 
 def peaked_table(n_pos: int, winners: list[int], probs: list[float]) -> torch.Tensor:
