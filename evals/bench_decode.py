@@ -82,6 +82,42 @@ def run_hf_generate(llama, tok, examples, length: int, batch_size: int):
     return preds, gen_tokens, nfe, time.perf_counter() - t0
 
 
+def run_vllm(vllm_python: str, ar_model: str, tok, examples, length: int, repeats: int):
+    """The AR baseline through vLLM, run by the python of a separate vLLM environment."""
+    import shutil
+    import statistics
+    import subprocess
+    import tempfile
+
+    from dlm.errors import DLMError
+    from dlm.export import export_llama
+
+    tmp = tempfile.mkdtemp(prefix="dlm-vllm-")
+    try:
+        export_llama(ar_model, os.path.join(tmp, "llama"))
+        eos, bos = tok.eos_token_id, tok.bos_token_id
+        job = {"model": os.path.join(tmp, "llama"), "max_tokens": length, "eos": eos, "rounds": max(1, repeats),
+               "prompts": [[bos, *tok.encode(e.prompt, add_special_tokens=False)] for e in examples],
+               "max_model_len": max(2048, length + 512)}
+        with open(os.path.join(tmp, "in.json"), "w") as f:
+            json.dump(job, f)
+        script = os.path.join(os.path.dirname(__file__), "vllm_generate.py")
+        r = subprocess.run([vllm_python, script, os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")],
+                           capture_output=True, text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
+        if r.returncode != 0:
+            raise DLMError(f"the vLLM run failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+        with open(os.path.join(tmp, "out.json")) as f:
+            out = json.load(f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    preds, gen = [], 0
+    for t in out["tokens"]:
+        t = t[: t.index(eos)] if eos in t else t
+        preds.append(tok.decode(t, skip_special_tokens=True))
+        gen += len(t)
+    return preds, gen, gen + len(examples), statistics.median(out["wall_s"])
+
+
 def main(args) -> dict:
     from dlm.model import load_model
     from dlm.tasks import score_predictions
@@ -123,6 +159,10 @@ def main(args) -> dict:
                 if rnd > 0:
                     runs[name].append(out)
                     outputs[name] = out
+        if getattr(args, "vllm_python", None) and args.ar_model:
+            out = run_vllm(args.vllm_python, args.ar_model, tok, examples, length, args.repeats)
+            runs["AR (vLLM, all prompts batched)"] = [out]
+            outputs["AR (vLLM, all prompts batched)"] = out
         for name, rs in runs.items():
             preds, gen_tokens, nfe, _ = outputs[name]
             wall = statistics.median(r[3] for r in rs)
@@ -131,7 +171,7 @@ def main(args) -> dict:
                 "config": name, "length": length, "tokens_per_s": gen_tokens / wall, "wall_s": wall,
                 "generated_tokens": gen_tokens, "nfe": nfe, "tokens_per_forward": gen_tokens / max(1, nfe),
                 "accuracy": acc["accuracy"], "per_task": acc["per_task"],
-                "settings": table.get(name, {"engine": "transformers generate"}),
+                "settings": table.get(name, {"engine": "vllm" if "vLLM" in name else "transformers generate"}),
             })
         base = next(r for r in report["results"] if r["config"] == "vanilla" and r["length"] == length)
         for r in report["results"]:

@@ -570,6 +570,8 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
     def sse(request: Request, jobs: list[Job], stops: list[str], make_chunk, usage_chunk) -> StreamingResponse:
         """Server-sent events: a chunk whenever a job's final prefix grows (at the latest when a
         block is finalised), then one with the finish reason, then [DONE]."""
+        for j in jobs:
+            j.stream = True
         submit(jobs)
         hold = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop string
 

@@ -40,6 +40,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: Optional[float] = None
     sent: int = 0  # final answer tokens already reported
+    stream: bool = False  # post progress ("tokens") events; otherwise only the end
 
     def post(self, kind: str, value) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -164,7 +165,8 @@ class Scheduler:
             if job.first_token is None and n > 0:
                 job.first_token = time.perf_counter()
             job.sent = n
-            job.post("tokens", toks)
+            if job.stream:
+                job.post("tokens", toks)
 
 
 def check_request_limits(prompt_len: int, max_new_tokens: int, context: int, max_tokens_limit: int) -> None:

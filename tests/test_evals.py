@@ -58,3 +58,53 @@ def test_bench_decode_smoke(tmp_path, small_corpus):
     for r in report["results"]:
         assert r["tokens_per_s"] > 0 and 0 <= r["accuracy"] <= 1 and r["nfe"] >= 1
     assert json.load(open(out))["results"] and (tmp_path / "bench.png").exists()
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """A random tiny MDLM with a trained tokenizer, saved like `dlm train` does."""
+    import random
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from dlm.model import DLMConfig, DLMModel
+    from dlm.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("bench_model")
+    rng = random.Random(0)
+    words = 'add 12 and 30 : {"name": "bob", "age": 42} [1, 2] yes no'.split()
+    train_tokenizer([" ".join(rng.choice(words) for _ in range(12)) for _ in range(200)], d, vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    torch.manual_seed(0)
+    DLMModel(DLMConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       mask_token_id=tok.convert_tokens_to_ids("<|mask|>"), bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       max_position_embeddings=256)).save_pretrained(str(d))
+    return d
+
+
+def test_bench_constrained_smoke(tmp_path, served_model):
+    from dlm.cli import main
+
+    schemas = tmp_path / "s.json"
+    schemas.write_text(json.dumps([{"name": "pt", "schema": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["x"]}},
+        {"name": "big", "schema": {"type": "integer", "minimum": 5}}]))
+    out = tmp_path / "c.json"
+    assert main(["bench", "constrained", str(served_model), "--schemas", str(schemas), "--seeds", "2",
+                 "--max-new-tokens", "32", "--out", str(out)]) == 0
+    rep = json.load(open(out))
+    assert rep["summary"]["constrained"]["valid_rate"] == 1.0 and rep["summary"]["schemas"] == 2
+    assert rep["summary"]["time_per_token_ratio"] > 0
+
+
+def test_bench_serve_smoke(tmp_path, served_model):
+    from dlm.cli import main
+
+    out = tmp_path / "s.json"
+    assert main(["bench", "serve", str(served_model), "--concurrency", "1,2", "--requests", "4", "--max-tokens", "8",
+                 "--serve-args", "--unmask threshold --threshold 0.5", "--out", str(out)]) == 0
+    rows = json.load(open(out))["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert all(r["failed"] == 0 and r["requests"] == 4 and r["tokens_per_s"] > 0 for r in rows)
