@@ -97,15 +97,15 @@ def run_vllm(vllm_python: str, ar_model: str, tok, examples, length: int, repeat
         export_llama(ar_model, os.path.join(tmp, "llama"))
         eos, bos = tok.eos_token_id, tok.bos_token_id
         job = {"model": os.path.join(tmp, "llama"), "max_tokens": length, "eos": eos, "rounds": max(1, repeats),
-               "prompts": [[bos, *tok.encode(e.prompt, add_special_tokens=False)] for e in examples],
-               "max_model_len": max(2048, length + 512)}
+               "prompts": [[bos, *tok.encode(e.prompt, add_special_tokens=False)] for e in examples]}
         with open(os.path.join(tmp, "in.json"), "w") as f:
             json.dump(job, f)
         script = os.path.join(os.path.dirname(__file__), "vllm_generate.py")
         r = subprocess.run([vllm_python, script, os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")],
                            capture_output=True, text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
         if r.returncode != 0:
-            raise DLMError(f"the vLLM run failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+            errors = [line for line in r.stderr.splitlines() if "Error" in line] or r.stderr.splitlines()[-1:]
+            raise DLMError(f"the vLLM run failed (exit {r.returncode}): {' | '.join(errors[-2:])}")
         with open(os.path.join(tmp, "out.json")) as f:
             out = json.load(f)
     finally:

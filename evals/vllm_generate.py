@@ -21,8 +21,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=job["model"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
-              max_model_len=job.get("max_model_len", 2048), seed=0)
+    llm = LLM(model=job["model"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], stop_token_ids=[job["eos"]],
                             detokenize=False)
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
