@@ -501,15 +501,7 @@ class GrammarEngine:
                         out.extend(rest_after_eos(i))
                         return True
                     return False
-                if m.validate_tokens([t]) != 1:
-                    return False
-                m.consume_token(t)
-                out.append(t)
-                if dfs(i + 1):
-                    return True
-                out.pop()
-                m.rollback(1)
-                return False
+                return m.validate_tokens([t]) == 1 and extend(t, i)
             allowed = self.allowed(m)
             accepting = m.is_accepting()
             score = prefs.get(i)
@@ -533,14 +525,20 @@ class GrammarEngine:
                 if c == self.eos_id:
                     out.extend(rest_after_eos(i))
                     return True
-                m.consume_token(c)
-                out.append(c)
-                if dfs(i + 1):
+                if extend(c, i):
                     return True
-                out.pop()
-                m.rollback(1)
                 if spent[0] > budget:
                     return False
+            return False
+
+        def extend(t: int, i: int) -> bool:
+            """Take token t at slot i and search on; undo it if that fails."""
+            m.consume_token(t)
+            out.append(t)
+            if dfs(i + 1):
+                return True
+            out.pop()
+            m.rollback(1)
             return False
 
         import sys
