@@ -138,10 +138,16 @@ def main(args) -> None:
     rows: list[dict] = []
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     port = _free_port()
+    serve_args = args.serve_args
+    if serve_args is None:
+        from dlm.model import load_model
+
+        block = load_model(args.model).config.objective in ("bd3lm", "e2d2")
+        serve_args = "--unmask threshold --cache exact" if block else "--unmask threshold --cache dual --block-length 32"
     cmd = [sys.executable, "-m", "dlm.cli", "serve", args.model, "--port", str(port), "--max-batch", str(max(levels)),
            "--max-queue", str(4 * max(levels) + 16), "--max-tokens-limit", str(args.max_tokens),
-           "--served-model-name", "dlm", *(args.serve_args or "").split()]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "--served-model-name", "dlm", *serve_args.split()]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_ready(base + "/health", proc, 120)
@@ -171,6 +177,7 @@ def main(args) -> None:
                       str(r["failed"]))
     Console().print(table)
     out = {"command": "dlm bench serve " + " ".join(sys.argv[3:]), "model": args.model, "max_tokens": args.max_tokens,
+           "serve_args": serve_args,
            "rows": rows, "note": vllm_note}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -192,9 +199,9 @@ def _vllm_rows(args, prompts, levels) -> list[dict]:
         port = _free_port()
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp / "llama"),
-               "--port", str(port), "--served-model-name", "ar", "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", "2048"]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               "--port", str(port), "--served-model-name", "ar", "--dtype", "float32", "--enforce-eager"]
+        log = open(tmp / "vllm.log", "w")  # a file, not a pipe nobody reads (a full pipe blocks the server)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_ready(base + "/health", proc, 600)
