@@ -29,12 +29,18 @@ CONFIGS = {
     "factor+dual": dict(unmask="factor", factor=1.0, cache="dual"),
     "early-commit": dict(unmask="confidence", early_commit=True, early_commit_scope="answer", cache="none"),
     "threshold+dual+early-commit": dict(unmask="threshold", threshold=0.9, cache="dual", early_commit=True),
+    "early-commit(3/2/1)": dict(unmask="confidence", early_commit=True, early_commit_scope="answer",
+                                early_commit_gaps=(3.0, 2.0, 1.0), cache="none"),
 }
 BLOCK_CONFIGS = {
     "vanilla": dict(unmask="confidence", cache="none"),
     "exact-cache": dict(unmask="confidence", cache="exact"),
     "threshold+exact": dict(unmask="threshold", threshold=0.9, cache="exact"),
     "threshold+exact+early-commit": dict(unmask="threshold", threshold=0.9, cache="exact", early_commit=True),
+    # Prophet's rule on the one-token-per-step decoder: default gaps, and lower gaps (commits sooner)
+    "exact+early-commit": dict(unmask="confidence", cache="exact", early_commit=True),
+    "exact+early-commit(3/2/1)": dict(unmask="confidence", cache="exact", early_commit=True,
+                                      early_commit_gaps=(3.0, 2.0, 1.0)),
 }
 
 
@@ -52,6 +58,7 @@ def run_diffusion(model, tok, examples, length: int, overrides: dict, block_leng
     if model.config.objective not in ("bd3lm", "e2d2"):
         cfg.setdefault("block_length", min(block_length, length))
     preds, gen_tokens, nfe = [], 0, 0
+    run_diffusion.request_nfe = 0  # network calls each request took part in, summed
     t0 = time.perf_counter()
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
@@ -61,6 +68,7 @@ def run_diffusion(model, tok, examples, length: int, overrides: dict, block_leng
             preds.append(tok.decode(r.tokens, skip_special_tokens=True))
             gen_tokens += len(r.tokens)
         nfe += max(r.stats["nfe"] for r in res)  # the batch's network calls
+        run_diffusion.request_nfe += sum(r.stats["nfe"] for r in res)
     wall = time.perf_counter() - t0
     return preds, gen_tokens, nfe, wall
 
@@ -148,7 +156,7 @@ def main(args) -> dict:
         runs = {n: [] for n in names}
         if llama is not None:
             runs["AR (HF generate)"] = []
-        outputs = {}
+        outputs, request_nfe = {}, {}
         for rnd in range(args.repeats + 1):  # round 0 is the warm-up
             sub = examples[: max(1, args.batch_size)] if rnd == 0 else examples
             for name in runs:
@@ -159,6 +167,8 @@ def main(args) -> dict:
                 if rnd > 0:
                     runs[name].append(out)
                     outputs[name] = out
+                    if name in table:
+                        request_nfe[name] = run_diffusion.request_nfe / len(sub)
         if getattr(args, "vllm_python", None) and args.ar_model:
             out = run_vllm(args.vllm_python, args.ar_model, tok, examples, length, args.repeats)
             runs["AR (vLLM, all prompts batched)"] = [out]
@@ -171,6 +181,7 @@ def main(args) -> dict:
                 "config": name, "length": length, "tokens_per_s": gen_tokens / wall, "wall_s": wall,
                 "generated_tokens": gen_tokens, "nfe": nfe, "tokens_per_forward": gen_tokens / max(1, nfe),
                 "accuracy": acc["accuracy"], "per_task": acc["per_task"],
+                "nfe_per_request": request_nfe.get(name),
                 "settings": table.get(name, {"engine": "vllm" if "vLLM" in name else "transformers generate"}),
             })
         base = next(r for r in report["results"] if r["config"] == "vanilla" and r["length"] == length)
