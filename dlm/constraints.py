@@ -674,49 +674,42 @@ class _TooLarge(Exception):
 
 # ------------------------------------------------------------------ the decoder's chooser
 class ConstrainedChooser:
-    """Wraps the decoder's token chooser; rows with a constraint keep their canvas completable.
+    """Wraps one request's token chooser and keeps its canvas completable in the language.
 
-    choose(): masks every slot's logits to the tokens it can take in some valid completion of
-    the whole canvas (regular: exact, from forward / backward state sets; grammars: exact at the
-    first open slot), so the unmask policy ranks positions by constrained confidences.
-    assign(): regular rows take DINGO's best joint assignment for the committed slots; grammar
-    rows commit the certified tokens (or the witness's own one). fill(): early commit, the same
-    way over every open slot, or None (then early commit does not fire)."""
+    choose(): masks every slot's logits to the tokens it can take in a valid completion of the
+    whole canvas (regular: exact for the first open slot, forward-reachable for the others;
+    grammars: exact at the first open slot), so the unmask policy ranks positions by constrained
+    confidences. assign(): regular constraints take DINGO's best joint assignment for the
+    committed slots; grammars commit the certified tokens (or the witness's own one). fill():
+    early commit, the same way over every open slot, or None (then early commit does not fire).
+    The decoder gives every request its own chooser, so the rows passed in are all that request's."""
 
-    def __init__(self, base, constraints: Sequence[Optional[CompiledConstraint]], eos_id: int):
+    def __init__(self, base, constraint: CompiledConstraint, eos_id: int):
         self.base = base
         self.config = base.config
         self.mask_id = base.mask_id
         self.eos_id = eos_id
-        self.rows = list(constraints)
-        self.witness: list[Optional[list[int]]] = [None] * len(self.rows)
+        self.c = constraint
+        self.witness: Optional[list[int]] = None
         self.elapsed = 0.0
         self._last = None
 
     # ---------------------------------------------------------- hooks
     def begin(self, answer_start: int, answer_len: int, canvas) -> None:
         self.P, self.N = answer_start, answer_len
-        for c in self.rows:
-            if c is not None and c.dfa is not None and c.min_tokens() > answer_len:
-                raise DLMError(f"the constraint {c.constraint.describe()} cannot be satisfied within "
-                               f"max_new_tokens={answer_len}: its shortest valid output has {c.min_tokens()} tokens")
+        c = self.c
+        if c.dfa is not None and c.min_tokens() > answer_len:
+            raise DLMError(f"the constraint {c.constraint.describe()} cannot be satisfied within "
+                           f"max_new_tokens={answer_len}: its shortest valid output has {c.min_tokens()} tokens")
         self.base.begin(answer_start, answer_len, canvas)
-
-    def keep_rows(self, keep: list[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
-        self.witness = [self.witness[i] for i in keep]
-        self.base.keep_rows(keep)
 
     def choose(self, logits, rows, positions, canvas, generators):
         t0 = time.perf_counter()
         logits = logits.double().clone()
         rel = positions - self.P
-        for r in rows.unique().tolist():
-            c = self.rows[r]
-            idx = ((rows == r) & (rel < self.N)).nonzero(as_tuple=True)[0]
-            if c is None or idx.numel() == 0:
-                continue
-            allowed = self._allowed(c, self._answer(canvas, r), rel[idx].tolist())
+        idx = (rel < self.N).nonzero(as_tuple=True)[0]  # block models run past the answer: free there
+        if idx.numel():
+            allowed = self._allowed(self._answer(canvas), rel[idx].tolist(), logits.shape[-1])
             logits[idx] = logits[idx].masked_fill(~allowed.to(logits.device), float("-inf"))
         scores, probs = self.base.scores(logits, rows, generators)
         tokens = scores.argmax(-1)
@@ -727,42 +720,34 @@ class ConstrainedChooser:
 
     def assign(self, rows, positions, commit, tokens, canvas):
         t0 = time.perf_counter()
-        scores = self._last
+        scores, c = self._last, self.c
         rel = positions - self.P
         commit, tokens = commit.clone(), tokens.clone()
-        for r in rows.unique().tolist():
-            c = self.rows[r]
-            if c is None:
-                continue
-            sel = ((rows == r) & commit.cpu() & (rel < self.N)).nonzero(as_tuple=True)[0]
-            if sel.numel() == 0:
-                continue
-            slots = self._answer(canvas, r)
+        sel = (commit.cpu() & (rel < self.N)).nonzero(as_tuple=True)[0].tolist()
+        if sel:
+            slots = self._answer(canvas)
             if c.dfa is not None:
-                choice = self._dp(c.dfa, slots, {int(rel[j]): scores[j].cpu() for j in sel.tolist()})
+                choice = self._dp(c.dfa, slots, {int(rel[j]): scores[j].cpu() for j in sel})
                 if choice is None:  # cannot happen while every commit goes through here
                     raise DLMError(f"internal error: the canvas left the language of {c.constraint.describe()}")
-                for j in sel.tolist():
+                for j in sel:
                     tokens[j] = choice[int(rel[j])]
             else:
-                entries = ((rows == r) & (rel < self.N)).nonzero(as_tuple=True)[0]
-                prefs = {int(rel[j]): scores[j].cpu() for j in entries.tolist()}
-                keep = self._certify(r, c, slots, prefs, [(int(rel[j]), int(tokens[j]), j) for j in sel.tolist()])
-                fill_all = sel.numel() == entries.numel()  # e.g. early commit: fill every open slot
-                for j in sel.tolist():
+                entries = (rel < self.N).nonzero(as_tuple=True)[0].tolist()
+                prefs = {int(rel[j]): scores[j].cpu() for j in entries}
+                keep = self._certify(slots, prefs, [(int(rel[j]), int(tokens[j]), j) for j in sel])
+                fill_all = len(sel) == len(entries)  # e.g. early commit: fill every open slot
+                for j in sel:
                     if j in keep:
                         tokens[j] = keep[j]
                     elif fill_all:  # the witness completes what could not be certified
-                        tokens[j] = self.witness[r][int(rel[j])]
+                        tokens[j] = self.witness[int(rel[j])]
                     else:
                         commit[j] = False
         self.elapsed += time.perf_counter() - t0
         return commit, tokens
 
     def fill(self, row: int, positions, logits, canvas):
-        c = self.rows[row]
-        if c is None:
-            return self.base.fill(row, positions, logits, canvas)
         t0 = time.perf_counter()
         try:
             lp = logits.double().clone()
@@ -771,21 +756,20 @@ class ConstrainedChooser:
             out = lp.argmax(-1)
             rel = (positions - self.P).tolist()
             inside = [i for i, p in enumerate(rel) if p < self.N]
-            slots = self._answer(canvas, row)
-            if c.dfa is not None:
-                choice = self._dp(c.dfa, slots, {rel[i]: lp[i] for i in inside})
+            slots = self._answer(canvas)
+            if self.c.dfa is not None:
+                choice = self._dp(self.c.dfa, slots, {rel[i]: lp[i] for i in inside})
                 if choice is None:
                     return None
-                for i in inside:
-                    out[i] = choice[rel[i]]
-                return out
-            prefs = {rel[i]: lp[i] for i in inside}
-            w = c.engine.witness(slots, self.mask_id, prefs, prior=lp.mean(0))
-            if w is None:
-                return None
+                filled = choice
+            else:
+                w = self.c.engine.witness(slots, self.mask_id, {rel[i]: lp[i] for i in inside}, prior=lp.mean(0))
+                if w is None:
+                    return None
+                self.witness = w
+                filled = dict(enumerate(w))
             for i in inside:
-                out[i] = w[rel[i]]
-            self.witness[row] = w
+                out[i] = filled[rel[i]]
             return out
         finally:
             self.elapsed += time.perf_counter() - t0
@@ -794,8 +778,8 @@ class ConstrainedChooser:
         return self.base.scores(logits, rows, generators)
 
     # ---------------------------------------------------------- helpers
-    def _answer(self, canvas, r: int) -> list[int]:
-        return canvas[r, self.P : self.P + self.N].tolist()
+    def _answer(self, canvas) -> list[int]:
+        return canvas[0, self.P : self.P + self.N].tolist()
 
     def _span(self, slots: list[int], extra: Sequence[int]) -> tuple[int, int]:
         """[first open slot, end): everything before is fixed, everything after is open."""
@@ -805,30 +789,24 @@ class ConstrainedChooser:
         end = max([first] + [i + 1 for i in fixed] + [i + 1 for i in extra])
         return first, end
 
-    def _allowed(self, c: CompiledConstraint, slots: list[int], query: list[int]) -> torch.Tensor:
-        V = len(self.base_vocab(c))
+    def _allowed(self, slots: list[int], query: list[int], vocab_size: int) -> torch.Tensor:
+        c = self.c
         if c.dfa is not None:
             f, e = self._span(slots, query)
             state = c.dfa.walk(c.dfa.initial, slots[:f])
             return c.dfa.allowed_fast(state, slots[f:e], self.mask_id, self.N - e, [q - f for q in query])
         # grammar: exact at the first open slot (after a fixed prefix), open elsewhere
-        out = torch.ones(len(query), V, dtype=torch.bool)
+        out = torch.ones(len(query), vocab_size, dtype=torch.bool)
         f, _ = self._span(slots, [])
-        if f in query:
+        if f in query and self.eos_id not in slots[:f]:
             m = c.engine.matcher()
-            ok = all(m.validate_tokens([t]) == 1 and m.consume_token(t) for t in slots[:f] if t != self.eos_id) \
-                if self.eos_id not in slots[:f] else False
-            if ok:
+            if all(m.validate_tokens([t]) == 1 and m.consume_token(t) for t in slots[:f]):
                 a = c.engine.allowed(m)
                 if m.is_accepting():
                     a[self.eos_id] = True
                 if bool(a.any()):
                     out[query.index(f)] = a
         return out
-
-    @staticmethod
-    def base_vocab(c: CompiledConstraint):
-        return range(c.dfa.vocab_size if c.dfa is not None else c.engine.vocab_size)
 
     def _dp(self, dfa: TokenDFA, slots: list[int], scores: dict[int, torch.Tensor]) -> Optional[dict[int, int]]:
         f, e = self._span(slots, list(scores))
@@ -837,17 +815,17 @@ class ConstrainedChooser:
                                      {p - f: s for p, s in scores.items()})
         return None if choice is None else {p + f: t for p, t in choice.items()}
 
-    def _certify(self, r: int, c: CompiledConstraint, slots: list[int], prefs: dict[int, torch.Tensor],
+    def _certify(self, slots: list[int], prefs: dict[int, torch.Tensor],
                  proposals: list[tuple[int, int, int]]) -> dict[int, int]:
-        """Grammar rows: commit a proposal only if a witness contains it; else the witness's token."""
-        eng = c.engine
+        """Grammars: commit a proposal only if a witness contains it; else the witness's token."""
+        eng = self.c.engine
         prior = torch.stack(list(prefs.values())).clamp(min=-1e4).mean(0) if prefs else None
-        w = self.witness[r]
+        w = self.witness
         if w is None or any(s != self.mask_id and s != wt for s, wt in zip(slots, w)):
             w = eng.witness(slots, self.mask_id, prefs, prior)
             if w is None:
                 raise DLMError(f"no output of max_new_tokens={self.N} tokens satisfies the constraint "
-                               f"{c.constraint.describe()} (or it is too hard to find one)")
+                               f"{self.c.constraint.describe()} (or it is too hard to find one)")
         proposals = sorted(proposals, key=lambda x: -float(prefs[x[0]][x[1]]))
         keep: dict[int, int] = {}
         slots = list(slots)
@@ -864,7 +842,7 @@ class ConstrainedChooser:
         if not keep:  # nothing certified: the witness's own token at the most wanted position
             p, _, j = proposals[0]
             keep[j] = w[p]
-        self.witness[r] = w
+        self.witness = w
         return keep
 
 

@@ -179,9 +179,6 @@ class TokenChooser:
         logits[:, self.mask_id] = float("-inf")
         return logits.argmax(-1)
 
-    def keep_rows(self, keep: list[int]) -> None:
-        """Rows `keep` of the batch stay (finished ones leave)."""
-
     elapsed = 0.0  # seconds spent constraining
 
 
@@ -336,7 +333,7 @@ class Decoder:
         if constraint is not None:
             from dlm.constraints import ConstrainedChooser
 
-            chooser = ConstrainedChooser(chooser, [constraint], eos_id=cfg.eos_token_id)
+            chooser = ConstrainedChooser(chooser, constraint, eos_id=cfg.eos_token_id)
         req = DecodeRequest(rid, prompt, config, config.seed if seed is None else seed, chooser, self)
         if req.total > cfg.max_position_embeddings:
             raise DLMError(f"prompt ({len(prompt)} tokens) + max_new_tokens {config.max_new_tokens} exceed the "

@@ -19,10 +19,11 @@ import torch
 
 
 @torch.no_grad()
-def token_logprobs(model, ids: list[int], batch_size: int = 64, objective=None
+def token_logprobs(model, ids: list[int], batch_size: int = 64, objective=None, start: int = 1
                    ) -> tuple[list[Optional[float]], list[int], list[Optional[float]]]:
     """For ids = [BOS, x_1, ..., x_n]: (logprob of each x_i, the top token at i, its logprob),
-    each a list of n + 1 with None at position 0 (nothing scores BOS)."""
+    each a list of n + 1 with None at position 0 (nothing scores BOS) and, for a diffusion model,
+    before `start` (only positions from `start` on are computed)."""
     cfg = model.config
     dev = next(model.parameters()).device
     T = len(ids)
@@ -42,7 +43,10 @@ def token_logprobs(model, ids: list[int], batch_size: int = 64, objective=None
                 from dlm.objectives import make_objective
 
                 objective = make_objective(cfg)
-            for s in range(1, T, batch_size):
+            lp.fill_(float("nan"))
+            top_lp.fill_(float("nan"))
+            top.fill_(-1)
+            for s in range(max(1, start), T, batch_size):
                 pos = torch.arange(s, min(T, s + batch_size), device=dev)
                 logits = _chain_logits(model, cfg, objective, x, pos).double()
                 logits[:, cfg.mask_token_id] = float("-inf")
@@ -51,7 +55,10 @@ def token_logprobs(model, ids: list[int], batch_size: int = 64, objective=None
                 lp[i.cpu()] = logp.gather(-1, x[pos][:, None])[:, 0].cpu()
                 best = logp.max(-1)
                 top[i.cpu()], top_lp[i.cpu()] = best.indices.cpu(), best.values.cpu()
-    return [None, *lp.tolist()], [-1, *top.tolist()], [None, *top_lp.tolist()]
+    def listed(t):
+        return [None, *(None if v != v else v for v in t.tolist())]  # NaN (not computed) -> None
+
+    return listed(lp), [-1, *top.tolist()], listed(top_lp)
 
 
 def _chain_logits(model, cfg, objective, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

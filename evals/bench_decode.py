@@ -57,8 +57,7 @@ def run_diffusion(model, tok, examples, length: int, overrides: dict, block_leng
     cfg = dict(overrides)
     if model.config.objective not in ("bd3lm", "e2d2"):
         cfg.setdefault("block_length", min(block_length, length))
-    preds, gen_tokens, nfe = [], 0, 0
-    run_diffusion.request_nfe = 0  # network calls each request took part in, summed
+    preds, gen_tokens, nfe, request_nfe = [], 0, 0, 0
     t0 = time.perf_counter()
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
@@ -68,9 +67,9 @@ def run_diffusion(model, tok, examples, length: int, overrides: dict, block_leng
             preds.append(tok.decode(r.tokens, skip_special_tokens=True))
             gen_tokens += len(r.tokens)
         nfe += max(r.stats["nfe"] for r in res)  # the batch's network calls
-        run_diffusion.request_nfe += sum(r.stats["nfe"] for r in res)
+        request_nfe += sum(r.stats["nfe"] for r in res)  # calls each request took part in
     wall = time.perf_counter() - t0
-    return preds, gen_tokens, nfe, wall
+    return preds, gen_tokens, nfe, wall, request_nfe / max(1, len(examples))
 
 
 def run_hf_generate(llama, tok, examples, length: int, batch_size: int):
@@ -87,7 +86,7 @@ def run_hf_generate(llama, tok, examples, length: int, batch_size: int):
         preds.append(tok.decode(new, skip_special_tokens=True))
         gen_tokens += len(new)
         nfe += len(new) + 1
-    return preds, gen_tokens, nfe, time.perf_counter() - t0
+    return preds, gen_tokens, nfe, time.perf_counter() - t0, None
 
 
 def run_vllm(vllm_python: str, ar_model: str, tok, examples, length: int, repeats: int):
@@ -123,7 +122,7 @@ def run_vllm(vllm_python: str, ar_model: str, tok, examples, length: int, repeat
         t = t[: t.index(eos)] if eos in t else t
         preds.append(tok.decode(t, skip_special_tokens=True))
         gen += len(t)
-    return preds, gen, gen + len(examples), statistics.median(out["wall_s"])
+    return preds, gen, gen + len(examples), statistics.median(out["wall_s"]), None
 
 
 def main(args) -> dict:
@@ -156,7 +155,7 @@ def main(args) -> dict:
         runs = {n: [] for n in names}
         if llama is not None:
             runs["AR (HF generate)"] = []
-        outputs, request_nfe = {}, {}
+        outputs = {}
         for rnd in range(args.repeats + 1):  # round 0 is the warm-up
             sub = examples[: max(1, args.batch_size)] if rnd == 0 else examples
             for name in runs:
@@ -167,21 +166,19 @@ def main(args) -> dict:
                 if rnd > 0:
                     runs[name].append(out)
                     outputs[name] = out
-                    if name in table:
-                        request_nfe[name] = run_diffusion.request_nfe / len(sub)
         if getattr(args, "vllm_python", None) and args.ar_model:
             out = run_vllm(args.vllm_python, args.ar_model, tok, examples, length, args.repeats)
             runs["AR (vLLM, all prompts batched)"] = [out]
             outputs["AR (vLLM, all prompts batched)"] = out
         for name, rs in runs.items():
-            preds, gen_tokens, nfe, _ = outputs[name]
+            preds, gen_tokens, nfe, _, nfe_per_request = outputs[name]
             wall = statistics.median(r[3] for r in rs)
             acc = score_predictions(examples, preds)
             report["results"].append({
                 "config": name, "length": length, "tokens_per_s": gen_tokens / wall, "wall_s": wall,
                 "generated_tokens": gen_tokens, "nfe": nfe, "tokens_per_forward": gen_tokens / max(1, nfe),
                 "accuracy": acc["accuracy"], "per_task": acc["per_task"],
-                "nfe_per_request": request_nfe.get(name),
+                "nfe_per_request": nfe_per_request,
                 "settings": table.get(name, {"engine": "vllm" if "vLLM" in name else "transformers generate"}),
             })
         base = next(r for r in report["results"] if r["config"] == "vanilla" and r["length"] == length)

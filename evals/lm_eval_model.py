@@ -172,8 +172,8 @@ class DLMEvalModel(LM):
         """Left-to-right chain (dlm.scoring): deterministic, what the server's echo logprobs sum to."""
         from dlm.scoring import token_logprobs
 
-        lp, top, _ = token_logprobs(self.model, ctx + cont, objective=self.objective)
         n = len(ctx)
+        lp, top, _ = token_logprobs(self.model, ctx + cont, objective=self.objective, start=n)
         return float(sum(lp[n:])), all(top[i] == t for i, t in enumerate(cont, start=n))
 
     def _layout(self, ctx, cont):

@@ -174,9 +174,12 @@ class Metrics:
         self.tps.set_function(self._rate)
 
     def _rate(self) -> float:
-        now = time.perf_counter()
-        self._recent = [(t, n) for t, n in self._recent if now - t < 10]
+        self._prune(time.perf_counter())
         return sum(n for _, n in self._recent) / 10.0
+
+    def _prune(self, now: float) -> None:
+        while self._recent and now - self._recent[0][0] >= 10:  # oldest first
+            self._recent.pop(0)
 
     def finished(self, job: Job, result) -> None:
         now = time.perf_counter()
@@ -187,6 +190,7 @@ class Metrics:
         if job.first_token is not None:
             self.ttft.observe(job.first_token - job.submitted)
         self._recent.append((now, n))
+        self._prune(now)  # bounded even when nobody scrapes /metrics
 
     def cancelled(self) -> None:
         self.cancels.inc()
@@ -234,7 +238,7 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
-        if settings.api_key and path.startswith("/v1") or settings.api_key and path in ("/tokenize", "/detokenize"):
+        if settings.api_key and (path.startswith("/v1") or path in ("/tokenize", "/detokenize")):
             auth = request.headers.get("authorization", "")
             if auth != f"Bearer {settings.api_key}":
                 metrics.requests.labels(path, "401").inc()
@@ -297,14 +301,14 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
         if max_tokens > settings.max_tokens_limit:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of "
                                 f"{settings.max_tokens_limit}", param="max_tokens")
+        if body.block_length is None and defaults.block_length and max_tokens % defaults.block_length:
+            # the server's default block length does not divide this request's length: one block
+            over["block_length"] = None
         c = replace(defaults, max_new_tokens=max_tokens,
                     temperature=settings.default_temperature if body.temperature is None else body.temperature,
                     top_p=body.top_p if body.top_p is not None else defaults.top_p,
                     stop=[encode(s) for s in stops if encode(s)],
                     stop_at_eos=not body.ignore_eos if body.ignore_eos is not None else defaults.stop_at_eos, **over)
-        if c.block_length is not None and cfg.objective not in ("bd3lm", "e2d2") and max_tokens % c.block_length:
-            # a block length that does not divide a short request's length: one block (whole answer)
-            c = replace(c, block_length=None if max_tokens < c.block_length else c.block_length)
         c.validate(cfg.block_size if cfg.objective in ("bd3lm", "e2d2") else None)
         return c
 
@@ -423,10 +427,11 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
         from dlm.scoring import token_logprobs
 
         full = [cfg.bos_token_id, *ids]
-        lp, top, top_lp = token_logprobs(model, full)
-        if echo and len(ids) > n_prompt:
-            # prompt tokens are scored on the prompt alone (the chain masks everything after a
-            # token, so appended output would change them): what an in-process scorer computes
+        # generated tokens are scored on the whole sequence; prompt tokens (echo) on the prompt
+        # alone, because the chain masks everything after a token and appended output would
+        # change their scores: what an in-process scorer computes
+        lp, top, top_lp = token_logprobs(model, full, start=1 + n_prompt)
+        if echo:
             p_lp, p_top, p_top_lp = token_logprobs(model, full[: 1 + n_prompt])
             lp[: 1 + n_prompt], top[: 1 + n_prompt], top_lp[: 1 + n_prompt] = p_lp, p_top, p_top_lp
         start = 1 if echo else 1 + n_prompt

@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 
 from dlm.decode import DecodeConfig, Decoder, DecodeRequest
-from dlm.errors import DLMError
 
 
 class QueueFull(Exception):
@@ -168,10 +167,3 @@ class Scheduler:
             if job.stream:
                 job.post("tokens", toks)
 
-
-def check_request_limits(prompt_len: int, max_new_tokens: int, context: int, max_tokens_limit: int) -> None:
-    if max_new_tokens > max_tokens_limit:
-        raise DLMError(f"max_tokens {max_new_tokens} exceeds this server's limit of {max_tokens_limit}")
-    if prompt_len + 1 + max_new_tokens > context:
-        raise DLMError(f"prompt ({prompt_len} tokens) + max_tokens {max_new_tokens} exceed the model's context of "
-                       f"{context} positions")

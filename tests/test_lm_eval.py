@@ -158,3 +158,23 @@ def test_generate_until_batches_like_single_requests():
     together = m.generate_until(reqs)
     alone = [m.generate_until([r])[0] for r in reqs]
     assert together == alone and all(len(t) <= 6 for t in together)
+
+
+def test_generate_until_stops_at_until_strings():
+    from types import SimpleNamespace
+
+    m = wrapped("mdlm", batch_size_=4)
+
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return [3 + (ord(c) % 30) for c in text]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(97 + (i % 26)) for i in ids)
+
+    m.tok = Tok()
+    free = m.generate_until([SimpleNamespace(args=("hello", {"until": [], "max_gen_toks": 8}))])[0]
+    assert len(free) >= 3
+    stop = free[2]
+    cut = m.generate_until([SimpleNamespace(args=("hello", {"until": [stop], "max_gen_toks": 8}))])[0]
+    assert cut == free[: free.index(stop)]
