@@ -141,19 +141,22 @@ def test_long_inputs_are_cut_to_the_window():
             m.score_pairs([([BOS], list(range(3, 20)))])
 
 
+class CharTok:
+    """A tokenizer stub: one token per character, decoded to letters."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + (ord(c) % 30) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + (i % 26)) for i in ids)
+
+
 def test_generate_until_batches_like_single_requests():
     from types import SimpleNamespace
 
     m = wrapped("mdlm", batch_size_=4)
 
-    class Tok:
-        def encode(self, text, add_special_tokens=False):
-            return [3 + (ord(c) % 30) for c in text]
-
-        def decode(self, ids, skip_special_tokens=True):
-            return "".join(chr(97 + (i % 26)) for i in ids)
-
-    m.tok = Tok()
+    m.tok = CharTok()
     reqs = [SimpleNamespace(args=(ctx, {"until": ["\\n"], "max_gen_toks": 6})) for ctx in ("ab", "hello there", "x")]
     together = m.generate_until(reqs)
     alone = [m.generate_until([r])[0] for r in reqs]
@@ -165,14 +168,7 @@ def test_generate_until_stops_at_until_strings():
 
     m = wrapped("mdlm", batch_size_=4)
 
-    class Tok:
-        def encode(self, text, add_special_tokens=False):
-            return [3 + (ord(c) % 30) for c in text]
-
-        def decode(self, ids, skip_special_tokens=True):
-            return "".join(chr(97 + (i % 26)) for i in ids)
-
-    m.tok = Tok()
+    m.tok = CharTok()
     free = m.generate_until([SimpleNamespace(args=("hello", {"until": [], "max_gen_toks": 8}))])[0]
     assert len(free) >= 3
     stop = free[2]
