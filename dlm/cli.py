@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--data", default="default")
     pp.add_argument("--split", default="validation")
     pp.add_argument("--text-field", default="text")
-    pp.add_argument("--pack", default="wrap", choices=["wrap", "pad"])
+    pp.add_argument("--pack", default="wrap", choices=["wrap", "pad", "sft"])
     pp.add_argument("--seq-len", type=int, help="default: the training sequence length")
     pp.add_argument("--tokenizer", help="default: the tokenizer saved with the model")
     pp.add_argument("--batch-size", type=int, default=16)

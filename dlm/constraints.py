@@ -10,7 +10,7 @@ diffusion decoder commits tokens in parallel and out of order, so this module co
   positions the unmask policy commits, with a budget-aware end condition: the state reached must
   accept within the positions left (EOS and anything after it are free), so a finished output
   is always in the language, not just a valid prefix. It is vectorised over states and tokens
-  with torch: no Python loop over the vocabulary.
+  over states and tokens (numpy arrays): no Python loop over the vocabulary.
 * Context-free constraints (Lark grammars, and schemas too large for a DFA) run through
   llguidance. The chooser keeps a *witness*, a concrete valid completion of the current canvas
   with one token per masked slot; a token the policy wants is committed only when some witness
@@ -34,6 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from dlm.errors import DLMError
@@ -273,154 +274,208 @@ class TokenDFA:
         dist[self.dead] = big
         return dist
 
-    def walk(self, state: int, tokens: Sequence[int]) -> int:
-        for t in tokens:
-            state = int(self.table[state, t])
-        return state
-
     def accepts(self, tokens: Sequence[int]) -> bool:
         return bool(self.accepting[self.walk(self.initial, tokens)])
 
     # ---------------------------------------------------------- per-step computations
-    def _step_mask(self, w: torch.Tensor) -> torch.Tensor:
-        """Max over one unknown token: w'[q'] = max over edges q -> q' of w[q]."""
-        out = torch.full_like(w, float("-inf"))
-        return out.scatter_reduce(0, self.edge_dst, w[self.edge_src], "amax")
+    # numpy: these run once or twice per decoding step over a few dozen slots, where torch's
+    # per-call overhead (microseconds per op) would dominate; all work is over states x tokens
+    # arrays, never a Python loop over the vocabulary.
+    def _np(self):
+        if getattr(self, "_np_cache", None) is None:
+            t = self.table.numpy().astype(np.int32)
+            live = t != self.dead
+            succ = np.zeros((self.num_states, self.num_states), dtype=bool)
+            succ[self.edge_src.numpy(), self.edge_dst.numpy()] = True
+            self._np_cache = (t, live, succ, self.dist.numpy())
+        return self._np_cache
 
-    def _step_token(self, w: torch.Tensor, tok: int) -> torch.Tensor:
-        out = torch.full_like(w, float("-inf"))
-        out = out.scatter_reduce(0, self.table[:, tok], w, "amax")
-        out[self.dead] = float("-inf")
+    def _pow(self, m: int) -> Optional[np.ndarray]:
+        """(S, S) bool: some m tokens lead from s to s' (m >= 1), memoised; None for large automata,
+        where the per-slot steps are cheaper than the S^3 products."""
+        if self.num_states > 512:
+            return None
+        pows = getattr(self, "_pows", None)
+        if pows is None:
+            succ = self._np()[2]
+            pows = self._pows = [None, succ]
+        while len(pows) <= m:
+            pows.append((pows[-1].astype(np.float32) @ pows[1].astype(np.float32)) > 0)
+        return pows[m]
+
+    def _runs(self, slots: Sequence[int], mask_id: int, keep: frozenset = frozenset()) -> list[tuple[int, int]]:
+        """Split slot indices into (start, length) pieces: runs of masked slots not in `keep`
+        (handled in one step with _pow) and single slots."""
+        out, i, n = [], 0, len(slots)
+        while i < n:
+            j = i
+            while j < n and slots[j] == mask_id and j not in keep:
+                j += 1
+            if j - i >= 2 and self._pow(j - i) is not None:
+                out.append((i, j - i))
+                i = j
+            else:
+                out.append((i, 1))
+                i += 1
         return out
 
-    @property
-    def _one_step(self) -> torch.Tensor:
-        """(S, S) float: 1 where some single token leads from state s to state s'."""
-        if getattr(self, "_one_step_cache", None) is None:
-            m = torch.zeros(self.num_states, self.num_states)
-            m[self.edge_src, self.edge_dst] = 1.0
-            self._one_step_cache = m
-        return self._one_step_cache
+    def walk(self, state: int, tokens: Sequence[int]) -> int:
+        t = self._np()[0]
+        for tok in tokens:
+            state = int(t[state, tok])
+        return state
 
-    def reachable(self, state: int, slots: Sequence[int], mask_id: int) -> list[torch.Tensor]:
+    def reachable(self, state: int, slots: Sequence[int], mask_id: int) -> list[np.ndarray]:
         """Forward state sets: sets[i] = states possible before slot i (len(slots) + 1 sets)."""
-        f = torch.zeros(self.num_states, dtype=torch.bool)
+        t, _, succ, _ = self._np()
+        f = np.zeros(self.num_states, dtype=bool)
         f[state] = True
         sets = [f]
-        for t in slots:
-            if t == mask_id:
-                n = (f.float() @ self._one_step) > 0
+        for tok in slots:
+            if tok == mask_id:
+                n = succ[f].any(0)
             else:
-                n = torch.zeros_like(f)
-                n[self.table[f, t]] = True
+                n = np.zeros_like(f)
+                n[t[f, tok]] = True
             n[self.dead] = False
             sets.append(n)
             f = n
         return sets
 
-    def coreachable(self, slots: Sequence[int], mask_id: int, left_after: int) -> list[torch.Tensor]:
+    def coreachable(self, slots: Sequence[int], mask_id: int, left_after: int) -> list[np.ndarray]:
         """Backward sets: sets[i] = states before slot i from which slots i.. and `left_after`
         more free positions can end accepted."""
-        g = self.dist <= left_after
+        t, _, succ, dist = self._np()
+        g = dist <= left_after
         sets = [g]
-        for t in reversed(slots):
-            if t == mask_id:
-                n = (self._one_step @ g.float()) > 0
-            else:
-                n = g[self.table[:, t]]
+        for tok in reversed(slots):
+            n = succ[:, g].any(1) if tok == mask_id else g[t[:, tok]]
             n[self.dead] = False
             sets.append(n)
             g = n
         return sets[::-1]
 
+    def _coreachable_first(self, slots: Sequence[int], mask_id: int, left_after: int) -> np.ndarray:
+        """coreachable(...)[0] alone, mask runs in one step each."""
+        t, _, succ, dist = self._np()
+        g = dist <= left_after
+        for i, m in reversed(self._runs(slots, mask_id)):
+            if m > 1:
+                g = self._pow(m)[:, g].any(1)
+            else:
+                g = succ[:, g].any(1) if slots[i] == mask_id else g[t[:, slots[i]]]
+            g[self.dead] = False
+        return g
+
     def allowed(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
                 query: Sequence[int]) -> torch.Tensor:
         """(len(query), V) bool: tokens that slot query[j] (masked) can take in some valid
         completion of the whole canvas (each slot on its own)."""
+        t = self._np()[0]
         fw = self.reachable(state, slots, mask_id)
         bw = self.coreachable(slots, mask_id, left_after)
-        rows = []
-        for i in query:
-            src = fw[i].nonzero(as_tuple=True)[0]
-            rows.append(bw[i + 1][self.table[src]].any(0))
-        return torch.stack(rows) if rows else torch.zeros(0, self.vocab_size, dtype=torch.bool)
+        rows = [bw[i + 1][t[fw[i]]].any(0) for i in query]
+        return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, self.vocab_size, dtype=torch.bool)
 
     def allowed_fast(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
                      query: Sequence[int]) -> torch.Tensor:
         """Like `allowed`, exact for the first queried slot and, for the others, the tokens some
-        forward-reachable state accepts (completability is left to the DP, which enforces it):
-        one (Q, S) x (S, V) product instead of a gather per slot. Used to rank positions."""
+        forward-reachable state accepts (completability is left to the DP, which enforces it).
+        Used to rank positions."""
         if not query:
             return torch.zeros(0, self.vocab_size, dtype=torch.bool)
+        t, live, _, _ = self._np()
         fw = self.reachable(state, slots[: max(query) + 1], mask_id)
         i = query[0]
-        after = self.coreachable(slots[i + 1 :], mask_id, left_after)[0]
-        exact = after[self.table[fw[i].nonzero(as_tuple=True)[0]]].any(0, keepdim=True)
-        if len(query) == 1:
-            return exact
-        before = torch.stack([fw[j] for j in query[1:]]).to(self._live_f.dtype)
-        return torch.cat([exact, (before @ self._live_f) > 0])
-
-    @property
-    def _live_f(self) -> torch.Tensor:
-        if getattr(self, "_live_cache", None) is None:
-            self._live_cache = (self.table != self.dead).float()
-        return self._live_cache
+        after = self._coreachable_first(slots[i + 1 :], mask_id, left_after)
+        rows = [after[t[fw[i]]].any(0)] + [live[fw[j]].any(0) for j in query[1:]]
+        return torch.from_numpy(np.stack(rows))
 
     def best_assignment(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
-                        scores: dict[int, torch.Tensor]) -> Optional[dict[int, int]]:
+                        scores: dict[int, torch.Tensor], top_k: int = 32) -> Optional[dict[int, int]]:
         """DINGO's dynamic program. `slots` are the canvas tokens from `state` on (MASK: unknown);
         slots whose index is in `scores` are committed now and take the tokens maximising the sum
         of their scores (V-vectors, -inf = forbidden); other masked slots stay masked (any one
-        token); `left_after` free positions follow. Returns {slot: token}, or None if impossible."""
-        w = torch.full((self.num_states,), float("-inf"), dtype=torch.float64)
-        w[state] = 0.0
-        before: list[torch.Tensor] = []
-        back: dict[int, torch.Tensor] = {}  # committed slot -> (S,) best incoming src * V + token
-        for i, t in enumerate(slots):
-            before.append(w)
-            if i in scores:
-                w, back[i] = self._step_scores(w, scores[i])
-            elif t == mask_id:
-                w = self._step_mask(w)
-            else:
-                w = self._step_token(w, t)
-        final = w.masked_fill(self.dist > left_after, float("-inf"))
-        if not bool(torch.isfinite(final).any()):
-            return None
-        # Backtrack from the best final state: committed slots read their pointer, the others
-        # take any predecessor whose forward score explains the path.
-        V = self.vocab_size
-        q = int(final.argmax())
-        choice: dict[int, int] = {}
-        for i in range(len(slots) - 1, -1, -1):
-            if i in back:
-                flat = int(back[i][q])
-                q, choice[i] = flat // V, flat % V
-                continue
-            if slots[i] == mask_id:
-                into_q = torch.zeros(self.num_states, dtype=torch.bool)
-                into_q[self.edge_src[self.edge_dst == q]] = True
-            else:
-                into_q = self.table[:, slots[i]] == q
-            q = int(before[i].masked_fill(~into_q, float("-inf")).argmax())
-        return choice
+        token); `left_after` free positions follow. Returns {slot: token}, or None if impossible.
 
-    def _step_scores(self, w: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One committed slot: w'[q'] = max over (q, v) with table[q, v] = q' of w[q] + score[v];
-        also the arg-max as q * V + v. Only live states are expanded (k x V work)."""
+        Exact, but first tried over each committed slot's `top_k` tokens only: that answer is
+        kept when it scores at least the best any assignment using some other token could
+        (that slot's (k+1)-th score plus the others' maxima); otherwise the full vocabulary."""
+        sc = {i: s.double().numpy() for i, s in scores.items()}
         V = self.vocab_size
-        live = torch.isfinite(w).nonzero(as_tuple=True)[0]
-        dst = self.table[live].reshape(-1)  # (k V)
-        cand = (w[live, None] + score.double()[None, :]).reshape(-1)
-        cand = cand.masked_fill(dst == self.dead, float("-inf"))
-        nw = torch.full_like(w, float("-inf")).scatter_reduce(0, dst, cand, "amax")
-        win = torch.isfinite(cand) & (cand == nw[dst])
-        flat = (live[:, None] * V + torch.arange(V)[None, :]).reshape(-1)
-        arg = torch.full((self.num_states,), torch.iinfo(torch.int64).max, dtype=torch.int64)
-        arg = arg.scatter_reduce(0, dst[win], flat[win], "amin")
-        nw[self.dead] = float("-inf")
-        return nw, arg
+        if top_k and top_k < V and sc:
+            cand, bound, best_sum = {}, -np.inf, sum(float(v.max()) for v in sc.values())
+            for i, v in sc.items():
+                idx = np.argpartition(-v, top_k)[: top_k + 1]
+                idx = idx[np.argsort(-v[idx], kind="stable")]
+                cand[i] = idx[:top_k]
+                bound = max(bound, best_sum - float(v.max()) + float(v[idx[top_k]]))
+            got = self._viterbi(state, slots, mask_id, left_after, {i: (cand[i], sc[i][cand[i]]) for i in sc})
+            if got is not None and got[1] >= bound:
+                return got[0]
+        got = self._viterbi(state, slots, mask_id, left_after, {i: (np.arange(V), v) for i, v in sc.items()})
+        return None if got is None else got[0]
+
+    def _viterbi(self, state, slots, mask_id, left_after, cands) -> Optional[tuple[dict[int, int], float]]:
+        """The DP itself; cands: committed slot -> (token ids, their scores). Returns (choice, score)."""
+        t, live, succ, dist = self._np()
+        S, ninf = self.num_states, -np.inf
+        w = np.full(S, ninf)
+        w[state] = 0.0
+        before: list[np.ndarray] = []
+        back: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slot -> (best src, best token) per dst
+        runs = self._runs(slots, mask_id, frozenset(cands))
+        for i, m in runs:
+            tok = slots[i]
+            before.append(w)
+            on = np.flatnonzero(np.isfinite(w))
+            nw = np.full(S, ninf)
+            if m > 1:  # a run of m open slots: max over states m tokens back
+                if on.size:
+                    nw = np.where(self._pow(m)[on], w[on, None], ninf).max(0)
+            elif i in cands:
+                toks, vals = cands[i]
+                dst = t[np.ix_(on, toks)]  # (k, K)
+                cand = w[on, None] + vals[None, :]
+                cand[dst == self.dead] = ninf
+                flat_dst, flat = torch.from_numpy(dst.reshape(-1).astype(np.int64)), torch.from_numpy(cand.reshape(-1))
+                best = torch.full((S,), ninf, dtype=torch.float64).scatter_reduce(0, flat_dst, flat, "amax")
+                win = torch.isfinite(flat) & (flat == best[flat_dst])  # ties: the lowest flat index
+                idx = torch.arange(flat.numel())
+                arg = torch.full((S,), flat.numel(), dtype=torch.int64).scatter_reduce(0, flat_dst[win], idx[win], "amin")
+                nw = best.numpy()
+                reached = (arg < flat.numel()).numpy()
+                a_np = arg.numpy()[reached]
+                src = np.full(S, -1)
+                tk = np.full(S, -1)
+                src[reached] = on[a_np // len(toks)]
+                tk[reached] = toks[a_np % len(toks)]
+                back[i] = (src, tk)
+            elif tok == mask_id:
+                if on.size:
+                    nw = np.where(succ[on], w[on, None], ninf).max(0)
+            else:
+                np.maximum.at(nw, t[on, tok], w[on])
+            nw[self.dead] = ninf
+            w = nw
+        final = np.where(dist <= left_after, w, ninf)
+        if not np.isfinite(final).any():
+            return None
+        q = int(final.argmax())
+        total = float(final[q])
+        choice: dict[int, int] = {}
+        for r in range(len(runs) - 1, -1, -1):
+            i, m = runs[r]
+            if i in back:
+                src, tk = back[i]
+                q, choice[i] = int(src[q]), int(tk[q])
+                continue
+            if m > 1:
+                into_q = self._pow(m)[:, q]
+            else:
+                into_q = succ[:, q] if slots[i] == mask_id else t[:, slots[i]] == q
+            q = int(np.where(into_q, before[r], ninf).argmax())
+        return choice, total
 
 
 # ------------------------------------------------------------------ context-free: witnesses
@@ -693,6 +748,7 @@ class ConstrainedChooser:
         self.witness: Optional[list[int]] = None
         self.elapsed = 0.0
         self._last = None
+        self._prefix = (0, constraint.dfa.initial if constraint.dfa is not None else 0)
 
     # ---------------------------------------------------------- hooks
     def begin(self, answer_start: int, answer_len: int, canvas) -> None:
@@ -793,7 +849,7 @@ class ConstrainedChooser:
         c = self.c
         if c.dfa is not None:
             f, e = self._span(slots, query)
-            state = c.dfa.walk(c.dfa.initial, slots[:f])
+            state = self._walk(c.dfa, slots, f)
             return c.dfa.allowed_fast(state, slots[f:e], self.mask_id, self.N - e, [q - f for q in query])
         # grammar: exact at the first open slot (after a fixed prefix), open elsewhere
         out = torch.ones(len(query), vocab_size, dtype=torch.bool)
@@ -808,9 +864,19 @@ class ConstrainedChooser:
                     out[query.index(f)] = a
         return out
 
+    def _walk(self, dfa: TokenDFA, slots: list[int], f: int) -> int:
+        """The DFA state after the fixed prefix slots[:f], walked on from the last call's (a
+        request's committed tokens never change, so the prefix only grows)."""
+        f0, q0 = self._prefix
+        if f < f0:
+            f0, q0 = 0, dfa.initial
+        q = dfa.walk(q0, slots[f0:f])
+        self._prefix = (f, q)
+        return q
+
     def _dp(self, dfa: TokenDFA, slots: list[int], scores: dict[int, torch.Tensor]) -> Optional[dict[int, int]]:
         f, e = self._span(slots, list(scores))
-        state = dfa.walk(dfa.initial, slots[:f])
+        state = self._walk(dfa, slots, f)
         choice = dfa.best_assignment(state, slots[f:e], self.mask_id, self.N - e,
                                      {p - f: s for p, s in scores.items()})
         return None if choice is None else {p + f: t for p, t in choice.items()}

@@ -48,7 +48,7 @@ from dlm.errors import DLMError
 from dlm.tasks import SPLITS, TASKS, generate_examples, get_task, split_of
 
 # Bump when anything changes what write_default_corpus produces; it invalidates cached corpora.
-CORPUS_VERSION = "dlm-corpus-1"
+CORPUS_VERSION = "dlm-corpus-2"
 KINDS = ("natural", "tasks")
 MAX_DOC_CHARS = 4000
 MIN_DOCSTRING_CHARS = 200
@@ -245,10 +245,11 @@ def write_default_corpus(out_dir, seed: int = 0, kinds: Sequence[str] = KINDS, n
     natural = _split_natural(natural_text_documents()) if "natural" in kinds else {s: [] for s in SPLITS}
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
-        records = [{"text": d, "source": "natural"} for d in natural[split]]
+        # "prompt": the given part of a document, for --pack sft (empty: all of it is to be generated).
+        records = [{"text": d, "source": "natural", "prompt": ""} for d in natural[split]]
         if with_tasks:
             exs = generate_examples(names, n_task_examples if split == "train" else n_held, seed, split)
-            records += [{"text": e.text, "source": f"task:{e.task}"} for e in exs]
+            records += [{"text": e.text, "source": f"task:{e.task}", "prompt": e.prompt} for e in exs]
             _atomic_write(paths[f"tasks_{split}"],
                           _jsonl({"task": e.task, "prompt": e.prompt, "answer": e.answer} for e in exs))
         else:  # stale task files from an earlier run would contradict this corpus

@@ -35,8 +35,17 @@ Packing modes, for seq_len = 8 (B = BOS, E = EOS, P = PAD, a1 a2 ... tokens of d
   pad (one document per row):
       B a1 a2 a3 E P P P    mask 1 1 1 1 1 0 0 0
       B d1 d2 d3 d4 d5 d6 d7    a document too long is cut: BOS stays first, no EOS at the end
+  sft (prompt / completion, LLaDA-style supervised fine-tuning; records need a "prompt" field
+      that is a prefix of the text, possibly empty):
+      B p1 p2 c1 c2 E E E    mask 2 2 2 1 1 1 1 1
+      One document per row, filled with EOS to seq_len. attention_mask 2 marks given context
+      (BOS and the prompt: attended, never noised or scored); the completion and all the EOS
+      filler are noised and scored, so a diffusion model learns to end its answer and fill the
+      rest of a canvas with EOS confidently (what makes threshold decoding fire there). Prompt
+      and completion are tokenized separately, as at generation time. A row is cut at seq_len
+      (no EOS then); one whose prompt leaves no room for a completion token is dropped.
 
-Used by `dlm train --data SPEC [--split S] [--text-field F] [--pack wrap|pad] [--seq-len N]`,
+Used by `dlm train --data SPEC [--split S] [--text-field F] [--pack wrap|pad|sft] [--seq-len N]`,
 `dlm ppl` and `dlm tokenizer train`; in Python:
 
     from dlm.data import build_lm_dataset
@@ -68,7 +77,8 @@ log = logging.getLogger(__name__)
 
 # Bump when tokenize_and_chunk changes what it produces: it invalidates every cached dataset.
 DATA_VERSION = "dlm-data-1"
-MODES = ("wrap", "pad")
+MODES = ("wrap", "pad", "sft")
+PROMPT_FIELD = "prompt"  # --pack sft: the record field holding the prompt (a prefix of the text)
 # File suffix -> `datasets` builder.
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
             ".csv": "csv"}
@@ -265,8 +275,8 @@ def _not_blank(batch):
     return [bool(t) and not t.isspace() for t in batch["text"]]
 
 
-def _text_column(ds, spec: str, split: str, field: str, from_txt: bool):
-    """Keep `field` only, renamed to "text", without blank documents."""
+def _text_column(ds, spec: str, split: str, field: str, from_txt: bool, with_prompt: bool = False):
+    """Keep `field` only, renamed to "text", without blank documents (and "prompt" when `with_prompt`)."""
     import datasets
 
     if field not in ds.column_names:
@@ -277,7 +287,13 @@ def _text_column(ds, spec: str, split: str, field: str, from_txt: bool):
         raise DLMError(f"field {field!r} of {spec} holds {feature}, not text; pass --text-field naming a text "
                        f"column (columns: {', '.join(ds.column_names)})")
     n_rows = len(ds)
-    ds = ds.select_columns([field])
+    if with_prompt:
+        if from_txt or PROMPT_FIELD not in ds.column_names:
+            raise DLMError(f"--pack sft needs records with a {PROMPT_FIELD!r} field (the prompt, a prefix of the "
+                           f"text) beside {field!r}; {spec} has {', '.join(ds.column_names)}")
+        ds = ds.select_columns([field, PROMPT_FIELD])
+    else:
+        ds = ds.select_columns([field])
     if field != "text":
         ds = ds.rename_column(field, "text")
     if from_txt:
@@ -290,15 +306,16 @@ def _text_column(ds, spec: str, split: str, field: str, from_txt: bool):
     return ds
 
 
-def _load_text(spec: str, src, split: str, text_field: str):
+def _load_text(spec: str, src, split: str, text_field: str, with_prompt: bool = False):
     if isinstance(src, _Hub):
-        return _text_column(_load_hub(src, spec, split), spec, split, text_field, from_txt=False)
+        return _text_column(_load_hub(src, spec, split), spec, split, text_field, False, with_prompt)
     from_txt = src.builder == "text"
     # The text builder always names its column "text"; --text-field only applies to records.
-    return _text_column(_load_local(src, spec), spec, split, "text" if from_txt else text_field, from_txt)
+    return _text_column(_load_local(src, spec), spec, split, "text" if from_txt else text_field, from_txt,
+                        with_prompt)
 
 
-def load_text_dataset(spec: str, split: str = "train", text_field: str = "text"):
+def load_text_dataset(spec: str, split: str = "train", text_field: str = "text", with_prompt: bool = False):
     """Load `split` of `spec` (see the module docstring) as a datasets.Dataset with one column "text".
 
     .txt files are read with the `datasets` "text" builder, sample_by="paragraph": a document
@@ -306,13 +323,13 @@ def load_text_dataset(spec: str, split: str = "train", text_field: str = "text")
     DLMError for a missing path, empty data, non-UTF-8 files, a missing text field or split.
     """
     resolved = resolve_spec(spec)
-    return _load_text(spec, _resolve_source(resolved, split), split, text_field)
+    return _load_text(spec, _resolve_source(resolved, split), split, text_field, with_prompt)
 
 
 # ------------------------------------------------------------------ tokenizing and packing
 def _check_packing(seq_len: int, mode: str) -> None:
     if mode not in MODES:
-        raise DLMError(f"unknown packing mode {mode!r}; use --pack wrap or --pack pad")
+        raise DLMError(f"unknown packing mode {mode!r}; use --pack wrap, pad or sft")
     if not isinstance(seq_len, int) or seq_len < 4:
         raise DLMError(f"--seq-len {seq_len} is too short: a sequence needs BOS, EOS and text; use at least 4")
 
@@ -342,7 +359,17 @@ class _Tokenize:
 
     def __call__(self, batch):
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # no offsets: faster
-        return {"ids": [e.ids for e in encode(batch["text"], add_special_tokens=False)]}
+        if PROMPT_FIELD not in batch:
+            return {"ids": [e.ids for e in encode(batch["text"], add_special_tokens=False)]}
+        prompts, completions = [], []
+        for text, prompt in zip(batch["text"], batch[PROMPT_FIELD]):
+            prompt = prompt or ""
+            if not text.startswith(prompt):
+                raise DLMError(f"--pack sft: the prompt {prompt[:60]!r} is not a prefix of its text {text[:60]!r}")
+            prompts.append(prompt)
+            completions.append(text[len(prompt):])
+        return {"pids": [e.ids for e in encode(prompts, add_special_tokens=False)],
+                "ids": [e.ids for e in encode(completions, add_special_tokens=False)]}
 
 
 class _WrapChunks:
@@ -395,11 +422,30 @@ class _PadRows:
         return {"input_ids": input_ids, "attention_mask": mask}
 
 
+class _SFTRows:
+    """Batched map: BOS + prompt (mask 2) + completion + EOS, filled with EOS to seq_len (mask 1)."""
+
+    def __init__(self, seq_len: int, bos: int, eos: int):
+        self.seq_len, self.bos, self.eos = seq_len, bos, eos
+
+    def __call__(self, batch):
+        L = self.seq_len
+        input_ids, mask = [], []
+        for pids, ids in zip(batch["pids"], batch["ids"]):
+            given = 1 + len(pids)
+            if given >= L:  # no room for a completion token
+                continue
+            seq = ([self.bos] + pids + ids + [self.eos])[:L]
+            input_ids.append(seq + [self.eos] * (L - len(seq)))
+            mask.append([2] * given + [1] * (L - given))
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def tokenize_and_chunk(ds, tokenizer, seq_len: int, mode: str = "wrap", num_proc: Optional[int] = None,
                        cache_dir=None):
     """Dataset{"text"} -> Dataset{"input_ids" (int64), "attention_mask" (int8)}, rows of exactly seq_len.
 
-    mode "wrap" or "pad" (see the module docstring). `cache_dir`: where the intermediate
+    mode "wrap", "pad" or "sft" (see the module docstring; sft needs a "prompt" column). `cache_dir`: where the intermediate
     arrow files go (default: `datasets`' own choice, beside the source or in memory).
     """
     import numpy as np
@@ -414,17 +460,26 @@ def tokenize_and_chunk(ds, tokenizer, seq_len: int, mode: str = "wrap", num_proc
                        "load it with dlm.data.load_text_dataset")
     sp = special_token_ids(tokenizer)
     parent = getattr(ds, "_fingerprint", None) or uuid.uuid4().hex
-    fp_tok = _fingerprint(DATA_VERSION, parent, "tokenize", tokenizer_fingerprint(tokenizer))
+    if mode == "sft" and PROMPT_FIELD not in ds.column_names:
+        raise DLMError(f"--pack sft needs a {PROMPT_FIELD!r} column; load with load_text_dataset(..., with_prompt=True)")
+    if mode != "sft" and PROMPT_FIELD in ds.column_names:
+        ds = ds.remove_columns([PROMPT_FIELD])
+    fp_tok = _fingerprint(DATA_VERSION, parent, "tokenize", tokenizer_fingerprint(tokenizer), mode == "sft")
+    tok_features = {"ids": List(Value("int32"))}
+    if mode == "sft":
+        tok_features["pids"] = List(Value("int32"))
     tokenized = ds.map(
         _Tokenize(tokenizer), batched=True, remove_columns=ds.column_names, num_proc=num_proc,
-        features=Features({"ids": List(Value("int32"))}), new_fingerprint=fp_tok, desc="tokenizing",
+        features=Features(tok_features), new_fingerprint=fp_tok, desc="tokenizing",
         **_cache_file(cache_dir, "tokenized", fp_tok),
     )
     out_features = Features({"input_ids": List(Value("int64"), length=seq_len),
                              "attention_mask": List(Value("int8"), length=seq_len)})
     fp_out = _fingerprint(fp_tok, mode, seq_len, sp)
-    common = dict(batched=True, remove_columns=["ids"], num_proc=num_proc, features=out_features,
+    common = dict(batched=True, remove_columns=list(tok_features), num_proc=num_proc, features=out_features,
                   new_fingerprint=fp_out, **_cache_file(cache_dir, mode, fp_out))
+    if mode == "sft":
+        return tokenized.map(_SFTRows(seq_len, sp["bos"], sp["eos"]), desc="sft rows", **common)
     if mode == "pad":
         return tokenized.map(_PadRows(seq_len, sp["bos"], sp["eos"], sp["pad"]), desc="padding", **common)
     # Document start offsets in the global stream (each document + its EOS), from arrow lengths.
@@ -478,7 +533,7 @@ def build_lm_dataset(spec: str, tokenizer, seq_len: int, split: str = "train", m
             log.warning("rebuilding damaged dataset cache %s (%s)", final, _first_line(e))
             shutil.rmtree(final, ignore_errors=True)
 
-    texts = _load_text(spec, src, split, text_field)
+    texts = _load_text(spec, src, split, text_field, with_prompt=mode == "sft")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -88,9 +88,9 @@ def scored_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
 
     Position 0 holds BOS, which is given, never predicted. Both the AR model (which cannot predict
     its first token) and the diffusion models (which never mask it) therefore score the same L - 1
-    tokens, so their perplexities are comparable on the same tokenization.
+    tokens, so their perplexities are comparable on the same tokenization. attention_mask 2 marks
+    given context (a prompt under --pack sft): attended, never noised or scored.
     """
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    valid = valid.clone()
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask == 1
     valid[:, 0] = False
     return valid

@@ -59,11 +59,12 @@ def brute(dfa, slots, committed, scores, left_after):
     return best
 
 
+@pytest.mark.parametrize("top_k", [32, 1, 2])  # 1, 2 < vocabulary: the pruned pass, certified or not
 @pytest.mark.parametrize("seed", range(40))
-def test_dp_equals_brute_force(seed):
+def test_dp_equals_brute_force(seed, top_k):
     rng = random.Random(seed)
     dfa = random_dfa(rng)
-    n = rng.randint(1, 4)
+    n = rng.randint(1, 6)
     slots = [MASK if rng.random() < 0.7 else rng.choice([0, 2, 3, 4, EOS]) for _ in range(n)]
     open_slots = [i for i, t in enumerate(slots) if t == MASK]
     committed = [i for i in open_slots if rng.random() < 0.6]
@@ -73,7 +74,7 @@ def test_dp_equals_brute_force(seed):
     for s in scores.values():
         s[MASK] = float("-inf")
     want = brute(dfa, slots, committed, scores, left_after)
-    got = dfa.best_assignment(dfa.initial, slots, MASK, left_after, scores)
+    got = dfa.best_assignment(dfa.initial, slots, MASK, left_after, scores, top_k=top_k)
     if want is None:
         assert got is None
         return
@@ -88,7 +89,7 @@ def test_dp_equals_brute_force(seed):
 def test_allowed_sets_equal_brute_force(seed):
     rng = random.Random(100 + seed)
     dfa = random_dfa(rng)
-    n = rng.randint(1, 4)
+    n = rng.randint(1, 6)
     slots = [MASK if rng.random() < 0.7 else rng.choice([0, 2, 3, 4]) for _ in range(n)]
     left_after = rng.randint(0, 2)
     query = [i for i, t in enumerate(slots) if t == MASK]
@@ -98,6 +99,9 @@ def test_allowed_sets_equal_brute_force(seed):
             trial = list(slots)
             trial[i] = v
             assert bool(got[j, v]) == (brute(dfa, trial, [], {}, left_after) is not None), (slots, i, v)
+    if query:  # the ranking sets: exact at the first open slot, supersets of the exact sets after it
+        fast = dfa.allowed_fast(dfa.initial, slots, MASK, left_after, query)
+        assert torch.equal(fast[0], got[0]) and not (got[1:] & ~fast[1:]).any()
 
 
 def test_distances_are_shortest_paths_to_acceptance():

@@ -173,6 +173,39 @@ def test_pad_mode(tok):
     assert masks[3] == [1] * L
 
 
+def test_sft_mode(tok):
+    ids = special_token_ids(tok)
+    L = 14
+    prompt, text = "the cat sat", "the cat sat on a mat"
+    p_ids, c_ids = _encode(tok, prompt), _encode(tok, text[len(prompt):])
+    long_prompt = "the cat" * 20
+    rows = {"text": [text, "a dog ran", long_prompt + " on", "on " * 30],
+            "prompt": [prompt, "", long_prompt, "on "]}
+    out = tokenize_and_chunk(datasets.Dataset.from_dict(rows), tok, L, "sft")
+    got, masks = out["input_ids"][:], out["attention_mask"][:]
+    assert len(got) == 3  # the long prompt leaves no room for a completion: dropped
+    body = [ids["bos"]] + p_ids + c_ids + [ids["eos"]]
+    assert got[0] == body + [ids["eos"]] * (L - len(body))  # EOS filler, never PAD
+    assert masks[0] == [2] * (1 + len(p_ids)) + [1] * (L - 1 - len(p_ids))
+    assert masks[1] == [2] + [1] * (L - 1)  # empty prompt: only BOS is given
+    assert len(got[2]) == L and masks[2][:2] == [2, 2]  # too long: cut at seq_len
+    with pytest.raises(DLMError, match="not a prefix"):
+        tokenize_and_chunk(datasets.Dataset.from_dict({"text": ["a b"], "prompt": ["b"]}), tok, L, "sft")
+    with pytest.raises(DLMError, match="prompt"):
+        tokenize_and_chunk(datasets.Dataset.from_dict({"text": ["a b"]}), tok, L, "sft")
+
+
+def test_sft_build_needs_prompt_field(tok, tmp_path):
+    src = _write_jsonl(tmp_path / "c.jsonl", _docs(20))
+    with pytest.raises(DLMError, match="'prompt' field"):
+        build_lm_dataset(src, tok, 16, mode="sft", cache_dir=tmp_path / "cache")
+    with open(tmp_path / "p.jsonl", "w", encoding="utf-8") as f:
+        for d in _docs(20):
+            f.write(json.dumps({"text": d, "prompt": d.split(" ")[0]}) + "\n")
+    ds = build_lm_dataset(str(tmp_path / "p.jsonl"), tok, 48, mode="sft", cache_dir=tmp_path / "cache")
+    assert len(ds) == 20 and all(m[1] == 2 for m in ds["attention_mask"][:])
+
+
 def test_torch_format(tok):
     import torch
 

@@ -57,6 +57,20 @@ def test_bernoulli_mask_rate_and_bos_protected():
     assert abs(rates.mean() - p.mean()) < 0.02
 
 
+def test_given_context_never_noised_or_scored():
+    am = torch.tensor([[2, 2, 2, 1, 1, 1], [2, 1, 1, 1, 0, 0]])
+    scored = scored_positions(torch.zeros(2, 6, dtype=torch.long), am)
+    assert scored.tolist() == [[False] * 3 + [True] * 3, [False, True, True, True, False, False]]
+    model = tiny("mdlm")
+    obj = MDLM(model.config)
+    x0 = torch.randint(3, 45, (2, 6))
+    noise = obj.draw_noise(2, 6, torch.Generator().manual_seed(0))
+    noise["t"] = torch.ones(2)  # mask everything maskable
+    xt, masked, _, _ = obj.corrupt(x0, am, noise)
+    assert (masked == scored).all() and (xt[am == 2] == x0[am == 2]).all()
+    assert obj.loss(model, x0, am, noise).n_tokens == 6
+
+
 def test_exact_k_mask():
     g = torch.Generator().manual_seed(0)
     am = torch.ones(5, 20, dtype=torch.long)

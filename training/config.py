@@ -25,7 +25,7 @@ class TrainConfig:
     data: str = "default"  # "default" (embedded corpus), a local file/dir/glob, or a hub dataset name
     text_field: str = "text"
     seq_len: int = 128
-    pack: str = "wrap"  # "wrap" (concatenate + chunk, MDLM style) or "pad" (one document per row)
+    pack: str = "wrap"  # "wrap" (concatenate + chunk, MDLM style), "pad" (one document per row) or "sft"
     tokenizer: Optional[str] = None  # dir or hub name; None = train a BPE tokenizer on the data
     vocab_size: int = 4096  # for a tokenizer trained here
     # model
@@ -82,8 +82,8 @@ class TrainConfig:
             raise DLMError(f"unknown --attention-backend {self.attention_backend!r}; use auto, sdpa or flex")
         if self.decoder_layers is not None and self.objective != "e2d2":
             raise DLMError(f"--decoder-layers applies to e2d2, not {self.objective}; drop it")
-        if self.pack not in ("wrap", "pad"):
-            raise DLMError(f"unknown --pack {self.pack!r}; use wrap or pad")
+        if self.pack not in ("wrap", "pad", "sft"):
+            raise DLMError(f"unknown --pack {self.pack!r}; use wrap, pad or sft")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise DLMError(f"unknown --precision {self.precision!r}; use auto, fp32 or bf16 (fp16 is not supported)")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -189,7 +189,8 @@ HELP = {
     "data": "training corpus: 'default' (embedded, offline; 'default-text' for its English text only), a .txt/.jsonl/.parquet file, a directory, a glob, or a hub dataset 'name[:config]'",
     "text_field": "text column of jsonl/parquet/hub data",
     "seq_len": "tokens per training sequence",
-    "pack": "wrap: concatenate documents and cut into chunks (BOS/EOS per chunk); pad: one document per row",
+    "pack": "wrap: concatenate documents and cut into chunks (BOS/EOS per chunk); pad: one document per row; "
+            "sft: one prompt/completion per row, prompt given (never noised), EOS filler scored (needs a 'prompt' field)",
     "tokenizer": "tokenizer directory or hub name; default: train a byte-level BPE on the data",
     "vocab_size": "vocabulary size of a tokenizer trained here",
     "objective": "mdlm | radd | ar | bd3lm (block diffusion) | e2d2 (encoder-decoder block diffusion)",
