@@ -520,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
     bs.add_argument("--requests", type=int, default=64, help="requests per level (at least 2 x concurrency)")
     bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--ignore-eos", action="store_true",
+                    help="every output max_tokens long (ignore_eos on both servers, as vLLM's serving benchmark does)")
     bs.add_argument("--time-limit", type=float, default=120.0, help="seconds per level before no new requests")
     bs.add_argument("--serve-args", help="extra flags for dlm serve (decoding defaults); default: threshold with "
                     "the dual cache and 32-token blocks (MDLM, RADD) or the exact cache (BD3-LM, E2D2)")

@@ -357,9 +357,15 @@ class Decoder:
             else:  # nothing changed since the last call (ancestral step): reuse its output
                 r.logits = r.prev_logits
         self._forward(need)
+        fast = [r for r in work if self._greedy_threshold(r)]
+        if len(fast) > 1:
+            self._commit_greedy_threshold(fast)
+        else:
+            fast = []
         for r in work:
             r.prev_logits = r.logits
-            self._commit(r)
+            if not fast or not self._greedy_threshold(r):
+                self._commit(r)
         return work
 
     def cancel(self, req: DecodeRequest) -> None:
@@ -440,6 +446,42 @@ class Decoder:
             canvas[lo + cols[commit.to(cols.device)]] = tokens[commit].to(canvas.device)
         r.changed = bool((canvas[lo:hi] != region).any())  # commits or an early-commit fill
         r.s_in_block += 1
+
+    @staticmethod
+    def _greedy_threshold(r: DecodeRequest) -> bool:
+        """The common serving case that `_commit_greedy_threshold` handles for many requests at
+        once: the plain chooser, greedy, no top-k / top-p, the threshold rule, no early commit."""
+        c = r.config
+        return (type(r.chooser) is TokenChooser and c.unmask == "threshold" and c.temperature <= 0
+                and c.top_k is None and (c.top_p is None or c.top_p >= 1.0) and not c.early_commit)
+
+    def _commit_greedy_threshold(self, reqs: list[DecodeRequest]) -> None:
+        """`_commit` for greedy threshold requests, batched: the same float64 softmax, argmax and
+        threshold decisions (ties included) as one request at a time, in a few tensor ops."""
+        mask_id = self.cfg.mask_token_id
+        lows = [r.block[0] for r in reqs]
+        blocks = [r.canvas[lo:hi] for r, (lo, hi) in zip(reqs, (r.block for r in reqs))]
+        region = torch.nn.utils.rnn.pad_sequence(blocks, batch_first=True, padding_value=-1)  # (R, W)
+        logits = torch.nn.utils.rnn.pad_sequence([r.logits[: b.numel()] for r, b in zip(reqs, blocks)],
+                                                 batch_first=True).double()
+        logits[..., mask_id] = float("-inf")
+        tokens = logits.argmax(-1)
+        conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        open_ = region == mask_id
+        conf = conf.masked_fill(~open_, -1.0)
+        tau = torch.tensor([r.config.threshold for r in reqs], dtype=conf.dtype, device=conf.device)
+        sel = conf >= tau[:, None]
+        none = ~sel.any(1)
+        if bool(none.any()):
+            best = conf.argmax(1)
+            sel[none, best[none]] = True
+        sel &= open_
+        for i, (r, lo) in enumerate(zip(reqs, lows)):
+            cols = sel[i].nonzero(as_tuple=True)[0]
+            r.canvas[lo + cols] = tokens[i, cols].to(r.canvas.device)
+            r.step_i += 1
+            r.changed = cols.numel() > 0
+            r.s_in_block += 1
 
     # -------------------------------------------------------------- network (batched)
     def _forward(self, reqs: list[DecodeRequest]) -> None:
@@ -546,30 +588,15 @@ class Decoder:
 
     def _exact(self, group: list[DecodeRequest]) -> None:
         """Block models: each request's finished clean blocks are encoded once (BD3-LM: their K/V
-        in every layer; E2D2: the encoder's states); a step feeds only the current blocks."""
-        from dlm.model import KVCache
+        in every layer; E2D2: the encoder's states); a step feeds only the current blocks.
 
+        BD3-LM encodes newly finished clean blocks in the same call as the step (one network call
+        per step, whichever requests just finished a block): E2D2 needs its encoder for them."""
         cfg, dev, bs = self.cfg, self.device, self.cfg.block_size
-        e2d2 = cfg.objective == "e2d2"
-        for r in group:  # append clean blocks [done, b0): block-causal among themselves
-            lo = r.block[0]
-            b0 = (lo // bs) * bs
-            done = r.st.get("clean_len", 0)
-            if done < b0:
-                n = b0 - done
-                blk = torch.arange(done, b0, device=dev) // bs
-                mask = torch.cat([torch.ones(n, done, dtype=torch.bool, device=dev), blk[None, :] <= blk[:, None]], dim=1)
-                pos = torch.arange(done, b0, device=dev)
-                new = r.canvas[None, done:b0]
-                if e2d2:
-                    r.st.setdefault("enc", KVCache(cfg.num_hidden_layers))
-                    states = self.model.encode(new, attn_mask=mask, position_ids=pos, cache=r.st["enc"])
-                    r.st["memory"] = states if done == 0 else torch.cat([r.st["memory"], states], dim=1)
-                else:
-                    r.st.setdefault("kv", KVCache(cfg.num_hidden_layers))
-                    r.st["kv"].commit = True
-                    self.model(new, position_ids=pos, attn_mask=mask, cache=r.st["kv"])
-                r.st["clean_len"] = b0
+        if cfg.objective != "e2d2":
+            self._exact_fused(group)
+            return
+        self._append_clean(group)
         b0s = [(r.block[0] // bs) * bs for r in group]
         M = max(b0s)
         ids = torch.stack([r.canvas[b : b + bs] for r, b in zip(group, b0s)])
@@ -577,34 +604,120 @@ class Decoder:
         key_ok = torch.zeros(len(group), M, dtype=torch.bool, device=dev)
         for i, b in enumerate(b0s):
             key_ok[i, M - b :] = True
-        if e2d2:
-            mem = torch.zeros(len(group), M, cfg.hidden_size, device=dev, dtype=self.model.dtype)
-            mem_pos = torch.zeros(len(group), M, dtype=torch.long, device=dev)
-            for i, (r, b) in enumerate(zip(group, b0s)):
-                if b:
-                    mem[i, M - b :] = r.st["memory"][0]
-                    mem_pos[i, M - b :] = torch.arange(b, device=dev)
-            attn = None
-            if not bool(key_ok.all()):
-                attn = torch.cat([key_ok[:, None, None, :].expand(-1, 1, bs, -1),
-                                  torch.ones(len(group), 1, bs, bs, dtype=torch.bool, device=dev)], dim=-1)
-            logits = self.model.decode(ids, mem, mem_pos, attn_mask=attn, position_ids=pos).logits
-        elif M == 0:
-            logits = self.model(ids, position_ids=pos).logits
-        else:
-            batch = KVCache(cfg.num_hidden_layers)
-            batch.commit = False  # the noisy blocks' K/V must not persist
-            empty = [(None, None)] * len(group)
-            caches = [(r.st["kv"].k, r.st["kv"].v) if b else empty[i] for i, (r, b) in enumerate(zip(group, b0s))]
-            for layer in range(cfg.num_hidden_layers):
-                batch.k[layer] = _left_pad_cat([c[0][layer] if c[0] else None for c in caches], M, like=ids)
-                batch.v[layer] = _left_pad_cat([c[1][layer] if c[1] else None for c in caches], M, like=ids)
-            am = torch.cat([key_ok, torch.ones(len(group), bs, dtype=torch.bool, device=dev)], dim=1).long()
-            logits = self.model(ids, position_ids=pos, cache=batch,
-                                attention_mask=None if bool(am.all()) else am).logits
+        mem = torch.zeros(len(group), M, cfg.hidden_size, device=dev, dtype=self.model.dtype)
+        mem_pos = torch.zeros(len(group), M, dtype=torch.long, device=dev)
+        for i, (r, b) in enumerate(zip(group, b0s)):
+            if b:
+                mem[i, M - b :] = r.st["memory"][0]
+                mem_pos[i, M - b :] = torch.arange(b, device=dev)
+        attn = None
+        if not bool(key_ok.all()):
+            attn = torch.cat([key_ok[:, None, None, :].expand(-1, 1, bs, -1),
+                              torch.ones(len(group), 1, bs, bs, dtype=torch.bool, device=dev)], dim=-1)
+        logits = self.model.decode(ids, mem, mem_pos, attn_mask=attn, position_ids=pos).logits
         for i, (r, b) in enumerate(zip(group, b0s)):
             lo, hi = r.block
             r.logits = logits[i, lo - b : hi - b]
+
+    def _exact_fused(self, group: list[DecodeRequest]) -> None:
+        """BD3-LM step with the clean-block update folded in. Per request: `done` tokens cached,
+        c = b0 - done clean tokens to add, then the noisy block [b0, b0 + bs). Queries are
+        [clean (left-padded to C) ; noisy block]; keys [cache (left-padded to M) ; clean ; noisy].
+        Clean queries see the cache and the clean part block-causally (exactly as when the
+        blocks are encoded on their own), noisy queries see everything valid; pad queries see
+        themselves only. The clean part's K/V is appended to each request's cache, the noisy
+        block's is dropped."""
+        from dlm.model import KVCache
+
+        cfg, dev, bs = self.cfg, self.device, self.cfg.block_size
+        R = len(group)
+        b0s = [(r.block[0] // bs) * bs for r in group]
+        dones = [r.st.get("clean_len", 0) for r in group]
+        cs = [b - d for b, d in zip(b0s, dones)]
+        M, C = max(dones), max(cs)
+        Lq = C + bs
+        ids = torch.full((R, Lq), cfg.mask_token_id, dtype=torch.long, device=dev)
+        pos = torch.zeros(R, Lq, dtype=torch.long, device=dev)
+        q_blk = torch.full((R, Lq), -1, dtype=torch.long, device=dev)  # block index of each query (-1: pad)
+        for i, (r, b, d, c) in enumerate(zip(group, b0s, dones, cs)):
+            ids[i, C - c :] = r.canvas[d : b + bs]
+            pos[i, C - c :] = torch.arange(d, b + bs, device=dev)
+            q_blk[i, C - c :] = pos[i, C - c :] // bs
+        valid_q = q_blk >= 0
+        # keys: cache part (all valid entries precede every query), then the queries themselves
+        cache_ok = torch.zeros(R, M, dtype=torch.bool, device=dev)
+        for i, d in enumerate(dones):
+            cache_ok[i, M - d :] = True
+        qk = (q_blk[:, None, :] <= q_blk[:, :, None]) & valid_q[:, None, :] & valid_q[:, :, None]
+        qk |= torch.eye(Lq, dtype=torch.bool, device=dev)[None]  # pad queries see themselves
+        mask = torch.cat([cache_ok[:, None, :].expand(R, Lq, M) & valid_q[:, :, None], qk], dim=-1)[:, None]
+        batch = KVCache(cfg.num_hidden_layers)
+        if M:
+            stored = [r.st["kv"] if d else None for r, d in zip(group, dones)]
+            for layer in range(cfg.num_hidden_layers):
+                batch.k[layer] = _left_pad_cat([c.k[layer] if c else None for c in stored], M)
+                batch.v[layer] = _left_pad_cat([c.v[layer] if c else None for c in stored], M)
+        out = torch.zeros(R, Lq, dtype=torch.bool, device=dev)
+        out[:, C:] = True  # the LM head on the noisy blocks only
+        logits = self.model(ids, position_ids=pos, attn_mask=mask, cache=batch, output_positions=out).logits
+        logits = logits.view(R, bs, -1)
+        for i, (r, b, d, c) in enumerate(zip(group, b0s, dones, cs)):
+            if c:
+                mine = r.st.setdefault("kv", KVCache(cfg.num_hidden_layers))
+                for layer in range(cfg.num_hidden_layers):
+                    k = batch.k[layer][i : i + 1, :, M + C - c : M + C]
+                    v = batch.v[layer][i : i + 1, :, M + C - c : M + C]
+                    mine.k[layer] = k if mine.k[layer] is None else torch.cat([mine.k[layer], k], dim=2)
+                    mine.v[layer] = v if mine.v[layer] is None else torch.cat([mine.v[layer], v], dim=2)
+                r.st["clean_len"] = b
+            lo, hi = r.block
+            r.logits = logits[i, lo - b : hi - b]
+
+    def _append_clean(self, group: list[DecodeRequest]) -> None:
+        """E2D2's exact cache: encode each request's newly finished clean blocks [done, b0) (block-causal
+        among themselves, attending to everything before), batched across the requests that
+        append the same number of tokens, their stored K/V (E2D2: encoder K/V) left-padded
+        under a key mask; the new entries are then appended to each request's own cache."""
+        from dlm.model import KVCache
+
+        cfg, dev, bs = self.cfg, self.device, self.cfg.block_size
+        e2d2 = cfg.objective == "e2d2"
+        by_n: dict[int, list[tuple[DecodeRequest, int, int]]] = {}
+        for r in group:
+            b0 = (r.block[0] // bs) * bs
+            done = r.st.get("clean_len", 0)
+            if done < b0:
+                by_n.setdefault(b0 - done, []).append((r, done, b0))
+        for n, items in by_n.items():
+            R, M = len(items), max(done for _, done, _ in items)
+            blk = torch.arange(n, device=dev) // bs  # done is a block boundary: blocks align
+            own = (blk[None, :] <= blk[:, None]).expand(R, 1, n, n)
+            key_ok = torch.zeros(R, 1, n, M, dtype=torch.bool, device=dev)
+            for i, (_, done, _) in enumerate(items):
+                key_ok[i, :, :, M - done :] = True
+            mask = torch.cat([key_ok, own], dim=-1)
+            ids = torch.stack([r.canvas[done:b0] for r, done, b0 in items])
+            pos = torch.stack([torch.arange(done, b0, device=dev) for _, done, b0 in items])
+            name = "enc" if e2d2 else "kv"
+            batch = KVCache(cfg.num_hidden_layers)
+            if M:
+                stored = [r.st[name] if done else None for r, done, _ in items]
+                for layer in range(cfg.num_hidden_layers):
+                    batch.k[layer] = _left_pad_cat([c.k[layer] if c else None for c in stored], M, like=ids)
+                    batch.v[layer] = _left_pad_cat([c.v[layer] if c else None for c in stored], M, like=ids)
+            if e2d2:
+                states = self.model.encode(ids, attn_mask=mask, position_ids=pos, cache=batch)
+            else:
+                self.model(ids, position_ids=pos, attn_mask=mask, cache=batch)
+            for i, (r, done, b0) in enumerate(items):
+                mine = r.st.setdefault(name, KVCache(cfg.num_hidden_layers))
+                for layer in range(cfg.num_hidden_layers):
+                    k, v = batch.k[layer][i : i + 1, :, M:], batch.v[layer][i : i + 1, :, M:]
+                    mine.k[layer] = k if mine.k[layer] is None else torch.cat([mine.k[layer], k], dim=2)
+                    mine.v[layer] = v if mine.v[layer] is None else torch.cat([mine.v[layer], v], dim=2)
+                if e2d2:
+                    r.st["memory"] = states[i : i + 1] if done == 0 else torch.cat([r.st["memory"], states[i : i + 1]], dim=1)
+                r.st["clean_len"] = b0
 
     # -------------------------------------------------------------- helpers
     @staticmethod

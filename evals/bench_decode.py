@@ -184,7 +184,8 @@ def main(args) -> dict:
         base = next(r for r in report["results"] if r["config"] == "vanilla" and r["length"] == length)
         for r in report["results"]:
             if r["length"] == length:
-                r["speedup_vs_vanilla"] = r["tokens_per_s"] / base["tokens_per_s"]
+                # None when vanilla generated nothing (every answer began with EOS): no rate to compare
+                r["speedup_vs_vanilla"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
     _print(report)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
@@ -192,6 +193,10 @@ def main(args) -> dict:
     _plot(report, os.path.splitext(args.out)[0] + ".png")
     print(f"wrote {args.out}", file=sys.stderr)
     return report
+
+
+def _ratio(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def _print(report):
@@ -202,7 +207,7 @@ def _print(report):
     for c in ("length", "configuration", "tokens/s", "x vanilla", "NFE", "tokens/forward", "accuracy"):
         t.add_column(c)
     for r in report["results"]:
-        t.add_row(str(r["length"]), r["config"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_vanilla']:.2f}",
+        t.add_row(str(r["length"]), r["config"], f"{r['tokens_per_s']:.1f}", _ratio(r["speedup_vs_vanilla"]),
                   str(r["nfe"]), f"{r['tokens_per_forward']:.2f}", f"{r['accuracy']:.3f}")
     Console(stderr=True).print(t)
 

@@ -151,7 +151,7 @@ def main(args) -> None:
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_ready(base + "/health", proc, 120)
-        rows += _run_levels("dlm serve", base, "dlm", prompts, levels, args, {})
+        rows += _run_levels("dlm serve", base, "dlm", prompts, levels, args, _extra(args))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -166,7 +166,8 @@ def main(args) -> None:
         ref = by.get((r["server"], 1))
         r["x_concurrency_1"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref and ref["tokens_per_s"] else None
         r["x_dlm_c1"] = r["tokens_per_s"] / base1["tokens_per_s"] if base1 and base1["tokens_per_s"] else None
-    table = Table(title=f"serving benchmark ({args.max_tokens} max tokens, loopback)")
+    fixed = ", every output max_tokens long (ignore_eos)" if args.ignore_eos else ""
+    table = Table(title=f"serving benchmark ({args.max_tokens} max tokens{fixed}, loopback)")
     for col in ("server", "concurrency", "requests", "tokens/s", "x c=1", "req/s", "TTFT p50", "lat p50", "lat p90",
                 "lat p99", "failed"):
         table.add_column(col)
@@ -177,12 +178,19 @@ def main(args) -> None:
                       str(r["failed"]))
     Console().print(table)
     out = {"command": "dlm bench serve " + " ".join(sys.argv[3:]), "model": args.model, "max_tokens": args.max_tokens,
-           "serve_args": serve_args,
+           "ignore_eos": bool(args.ignore_eos), "serve_args": serve_args,
            "rows": rows, "note": vllm_note}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _extra(args) -> dict:
+    """Fields sent with every request: `ignore_eos` (both servers accept it) fixes every output at
+    max_tokens, as vLLM's serving benchmark does, so the levels compare decoding work rather than
+    per-request HTTP costs (the task answers are a few tokens long)."""
+    return {"ignore_eos": True} if args.ignore_eos else {}
 
 
 def _fmt(x: Optional[float]) -> str:
@@ -205,7 +213,7 @@ def _vllm_rows(args, prompts, levels) -> list[dict]:
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_ready(base + "/health", proc, 600)
-            return _run_levels("vllm serve (AR)", base, "ar", prompts, levels, args, {})
+            return _run_levels("vllm serve (AR)", base, "ar", prompts, levels, args, _extra(args))
         finally:
             proc.terminate()
             proc.wait(timeout=60)

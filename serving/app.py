@@ -170,6 +170,13 @@ class Metrics:
         self.running = Gauge("dlm_running_jobs", "jobs in the batch", registry=r)
         self.queue.set_function(lambda: scheduler_ref().queue_depth if scheduler_ref() else 0)
         self.running.set_function(lambda: scheduler_ref().running if scheduler_ref() else 0)
+        self.steps = Gauge("dlm_scheduler_steps", "batched decoding steps so far", registry=r)
+        self.stepped = Gauge("dlm_scheduler_stepped_jobs", "sum of batch sizes over steps (/ steps = mean batch)",
+                             registry=r)
+        self.step_s = Gauge("dlm_scheduler_step_seconds", "seconds spent in decoding steps", registry=r)
+        self.steps.set_function(lambda: scheduler_ref().steps if scheduler_ref() else 0)
+        self.stepped.set_function(lambda: scheduler_ref().stepped_jobs if scheduler_ref() else 0)
+        self.step_s.set_function(lambda: scheduler_ref().step_seconds if scheduler_ref() else 0)
         self._recent: list[tuple[float, int]] = []
         self.tps.set_function(self._rate)
 

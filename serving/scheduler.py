@@ -57,6 +57,8 @@ class Scheduler:
         self.lock = threading.Condition()
         self.stopping = False
         self.steps = 0
+        self.stepped_jobs = 0  # sum over steps of the batch size: stepped_jobs / steps = mean batch
+        self.step_seconds = 0.0
         self.thread = threading.Thread(target=self._run, name="dlm-scheduler", daemon=True)
         self.thread.start()
 
@@ -109,6 +111,7 @@ class Scheduler:
             self._retire_cancelled()
             if not self.live:
                 continue
+            t_step = time.perf_counter()
             try:
                 self.decoder.step([j.request for j in self.live])
             except Exception as e:  # a fault in one step must not kill the server: fail the batch's jobs
@@ -117,8 +120,10 @@ class Scheduler:
                     j.post("error", f"decoding failed: {type(e).__name__}: {e}")
                 self.live = []
                 continue
-            self.steps += 1
             now = time.perf_counter()
+            self.steps += 1
+            self.stepped_jobs += len(self.live)
+            self.step_seconds += now - t_step
             keep = []
             for j in self.live:
                 r = j.request

@@ -428,3 +428,39 @@ def test_cancel_frees_the_request():
     dec.cancel(r)
     assert r.finished and r.result.finish_reason == "cancelled" and r.st.get("kv") is None
     assert dec.step([r]) == []
+
+
+@pytest.mark.parametrize("objective,block,cache", [("mdlm", None, "none"), ("mdlm", None, "dual"),
+                                                   ("mdlm", None, "prefix"), ("bd3lm", 4, "exact"),
+                                                   ("e2d2", 4, "exact")])
+def test_batched_greedy_threshold_commit_equals_per_request(objective, block, cache, monkeypatch):
+    """The batched commit for greedy threshold requests makes exactly the per-request decisions,
+    also with requests joining mid-way (different prompt lengths and block positions)."""
+    model = real_model(objective, block, seed=7)
+    with torch.no_grad():  # confident enough that the thresholds below split the positions
+        model.lm_head.weight.mul_(40.0)
+    dec = Decoder(model)
+    cfg = DecodeConfig(max_new_tokens=12, block_length=4 if objective == "mdlm" else None, cache=cache,
+                       unmask="threshold", threshold=0.3)
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14, 15], [4, 4]]
+
+    def run():
+        reqs = [dec.new_request(p, dataclasses.replace(cfg, threshold=0.3 + 0.2 * i), seed=i)
+                for i, p in enumerate(prompts)]
+        live, steps = reqs[:2], 0
+        while True:
+            if steps == 2:
+                live += reqs[2:]
+            if not dec.step(live):
+                break
+            steps += 1
+        return [r.result.tokens for r in reqs]
+
+    calls = []
+    real = Decoder._commit_greedy_threshold
+    monkeypatch.setattr(Decoder, "_commit_greedy_threshold", lambda self, rs: calls.append(len(rs)) or real(self, rs))
+    batched = run()
+    assert calls and max(calls) == 4
+    assert any(len(set(t)) > 1 for t in batched)  # not a degenerate run
+    monkeypatch.setattr(Decoder, "_greedy_threshold", staticmethod(lambda r: False))
+    assert run() == batched
