@@ -398,11 +398,18 @@ class TokenDFA:
         of their scores (V-vectors, -inf = forbidden); other masked slots stay masked (any one
         token); `left_after` free positions follow. Returns {slot: token}, or None if impossible.
 
-        Exact, but first tried over each committed slot's `top_k` tokens only: that answer is
+        Exact. First, each committed slot's own best token: when those are jointly completable
+        their sum bounds every assignment, so they are the answer. Then the DP over each
+        committed slot's `top_k` tokens only: that answer is
         kept when it scores at least the best any assignment using some other token could
         (that slot's (k+1)-th score plus the others' maxima); otherwise the full vocabulary."""
         sc = {i: s.double().numpy() for i, s in scores.items()}
         V = self.vocab_size
+        if sc:  # each slot's own best token, if jointly valid, is optimal: its sum bounds every other
+            greedy = {i: int(v.argmax()) for i, v in sc.items()}
+            if all(np.isfinite(sc[i][t]) for i, t in greedy.items()) and self._feasible(
+                    state, [greedy.get(i, t) for i, t in enumerate(slots)], mask_id, left_after):
+                return greedy
         if top_k and top_k < V and sc:
             cand, bound, best_sum = {}, -np.inf, sum(float(v.max()) for v in sc.values())
             for i, v in sc.items():
@@ -415,6 +422,25 @@ class TokenDFA:
                 return got[0]
         got = self._viterbi(state, slots, mask_id, left_after, {i: (np.arange(V), v) for i, v in sc.items()})
         return None if got is None else got[0]
+
+    def _feasible(self, state: int, slots: Sequence[int], mask_id: int, left_after: int) -> bool:
+        """Can slots (MASK = any one token) be completed validly from `state`?"""
+        t, _, succ, dist = self._np()
+        f = np.zeros(self.num_states, dtype=bool)
+        f[state] = True
+        for i, m in self._runs(slots, mask_id):
+            if m > 1:
+                f = self._pow(m)[f].any(0)
+            elif slots[i] == mask_id:
+                f = succ[f].any(0)
+            else:
+                n = np.zeros_like(f)
+                n[t[f, slots[i]]] = True
+                f = n
+            f[self.dead] = False
+            if not f.any():
+                return False
+        return bool((f & (dist <= left_after)).any())
 
     def _viterbi(self, state, slots, mask_id, left_after, cands) -> Optional[tuple[dict[int, int], float]]:
         """The DP itself; cands: committed slot -> (token ids, their scores). Returns (choice, score)."""
