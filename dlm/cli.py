@@ -504,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--configs", help="comma-separated subset of the configurations (default: all)")
     bd.add_argument("--block-length", type=int, default=32, help="semi-AR block length for MDLM / RADD")
     bd.add_argument("--n-prompts", type=int, default=16)
+    bd.add_argument("--split", default="test", choices=["test", "validation"],
+                    help="prompts of the checkable tasks from this split (tune on validation, report on test)")
+    bd.add_argument("--early-commit-gaps", help="extra early-commit configurations, one per gap triple: "
+                    "\"3/2/1,2/1/0.5\" (top-2 logit gaps early / middle / late in decoding)")
     bd.add_argument("--batch-size", type=int, default=8)
     bd.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up (median)")
     bd.add_argument("--seed", type=int, default=0)

@@ -44,10 +44,31 @@ BLOCK_CONFIGS = {
 }
 
 
-def _prompts(n: int, seed: int):
+def _prompts(n: int, seed: int, split: str = "test"):
     from dlm.tasks import generate_examples
 
-    return generate_examples(None, n, seed=seed, split="test")
+    return generate_examples(None, n, seed=seed, split=split)
+
+
+def _gap_configs(spec: str, is_block: bool) -> dict:
+    """--early-commit-gaps "3/2/1,2/1/0.5": one early-commit configuration per gap triple."""
+    from dlm.errors import DLMError
+
+    out = {}
+    for item in [x.strip() for x in (spec or "").split(",") if x.strip()]:
+        try:
+            gaps = tuple(float(g) for g in item.split("/"))
+        except ValueError:
+            gaps = ()
+        if len(gaps) != 3 or min(gaps) < 0:
+            raise DLMError(f"--early-commit-gaps takes triples like 3/2/1 (early / middle / late); got {item!r}")
+        if is_block:
+            out[f"exact+early-commit({item})"] = dict(unmask="confidence", cache="exact", early_commit=True,
+                                                      early_commit_gaps=gaps)
+        else:
+            out[f"early-commit({item})"] = dict(unmask="confidence", early_commit=True, early_commit_scope="answer",
+                                                early_commit_gaps=gaps, cache="none")
+    return out
 
 
 def run_diffusion(model, tok, examples, length: int, overrides: dict, block_length: int, batch_size: int):
@@ -133,10 +154,12 @@ def main(args) -> dict:
     torch.manual_seed(0)
     model = load_model(args.model).eval()
     tok = load_tokenizer(args.model)
-    examples = _prompts(args.n_prompts, args.seed)
+    examples = _prompts(args.n_prompts, args.seed, getattr(args, "split", "test"))
     is_block = model.config.objective in ("bd3lm", "e2d2")
-    table = BLOCK_CONFIGS if is_block else CONFIGS
+    extra = _gap_configs(getattr(args, "early_commit_gaps", None), is_block)
+    table = {**(BLOCK_CONFIGS if is_block else CONFIGS), **extra}
     names = [c.strip() for c in args.configs.split(",")] if args.configs else list(table)
+    names += [n for n in extra if n not in names]
     unknown = [c for c in names if c not in table]
     if unknown:
         from dlm.errors import DLMError
@@ -149,7 +172,7 @@ def main(args) -> dict:
         llama = to_llama(load_model(args.ar_model, expect_objective="ar")).eval()
     report = {"command": "dlm bench decode " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else []),
               "model": args.model, "objective": model.config.objective, "ar_model": args.ar_model,
-              "n_prompts": len(examples), "device": "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+              "n_prompts": len(examples), "split": getattr(args, "split", "test"), "device": "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
               "results": []}
     for length in [int(x) for x in args.lengths.split(",")]:
         runs = {n: [] for n in names}

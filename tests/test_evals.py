@@ -51,13 +51,26 @@ def test_bench_decode_smoke(tmp_path, small_corpus):
         tok = dirs[obj]
     out = tmp_path / "bench.json"
     args = argparse.Namespace(model=dirs["mdlm"], ar_model=dirs["ar"], lengths="8", configs="vanilla,threshold+dual",
-                              block_length=4, n_prompts=3, batch_size=2, repeats=1, seed=0, out=str(out))
+                              block_length=4, n_prompts=3, batch_size=2, repeats=1, seed=0, out=str(out),
+                              split="validation", early_commit_gaps="2/1/0.5")
     report = main(args)
     names = {r["config"] for r in report["results"]}
-    assert names == {"vanilla", "threshold+dual", "AR (HF generate)"}
+    assert names == {"vanilla", "threshold+dual", "early-commit(2/1/0.5)", "AR (HF generate)"}
+    assert report["split"] == "validation"
+    ec = next(r for r in report["results"] if r["config"] == "early-commit(2/1/0.5)")
+    assert ec["settings"]["early_commit_gaps"] == (2.0, 1.0, 0.5)
     for r in report["results"]:
         assert r["tokens_per_s"] > 0 and 0 <= r["accuracy"] <= 1 and r["nfe"] >= 1
     assert json.load(open(out))["results"] and (tmp_path / "bench.png").exists()
+
+
+@pytest.mark.parametrize("spec", ["3/2", "a/b/c", "1/-1/0"])
+def test_bench_decode_rejects_bad_gaps(spec):
+    from dlm.errors import DLMError
+    from dlm.evals.bench_decode import _gap_configs
+
+    with pytest.raises(DLMError, match="triples"):
+        _gap_configs(spec, is_block=True)
 
 
 @pytest.fixture(scope="module")
