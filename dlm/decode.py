@@ -293,6 +293,7 @@ class Decoder:
             from dlm.objectives import make_objective
 
             self.objective = make_objective(self.cfg)
+        self._slab = _KVSlab(self.cfg.num_hidden_layers)  # BD3-LM exact caches of all live requests
 
     # -------------------------------------------------------------- public
     @torch.no_grad()
@@ -405,6 +406,8 @@ class Decoder:
             "constraint_s": r.chooser.elapsed,
         })
         r.finished = True
+        if "slot" in r.st:
+            self._slab.release(r.st["slot"])
         r.st, r.prev_logits, r.logits = {"mode": r.config.cache}, None, None
 
     def _commit(self, r: DecodeRequest) -> None:
@@ -622,10 +625,11 @@ class Decoder:
     def _exact_fused(self, group: list[DecodeRequest]) -> None:
         """BD3-LM step with the clean-block update folded in. Per request: `done` tokens cached,
         c = b0 - done clean tokens to add, then the noisy block [b0, b0 + bs). Queries are
-        [clean (left-padded to C) ; noisy block]; keys [cache (left-padded to M) ; clean ; noisy].
+        [clean (left-padded to C) ; noisy block]; keys [cache (the slab's rows, valid up to each
+        request's `done`) ; clean ; noisy].
         Clean queries see the cache and the clean part block-causally (exactly as when the
         blocks are encoded on their own), noisy queries see everything valid; pad queries see
-        themselves only. The clean part's K/V is appended to each request's cache, the noisy
+        themselves only. The clean part's K/V is written to each request's slab slot, the noisy
         block's is dropped."""
         from dlm.model import KVCache
 
@@ -647,28 +651,23 @@ class Decoder:
         # keys: cache part (all valid entries precede every query), then the queries themselves
         cache_ok = torch.zeros(R, M, dtype=torch.bool, device=dev)
         for i, d in enumerate(dones):
-            cache_ok[i, M - d :] = True
+            cache_ok[i, :d] = True  # slab rows: a request's prefix at [0, done)
         qk = (q_blk[:, None, :] <= q_blk[:, :, None]) & valid_q[:, None, :] & valid_q[:, :, None]
         qk |= torch.eye(Lq, dtype=torch.bool, device=dev)[None]  # pad queries see themselves
         mask = torch.cat([cache_ok[:, None, :].expand(R, Lq, M) & valid_q[:, :, None], qk], dim=-1)[:, None]
         batch = KVCache(cfg.num_hidden_layers)
         if M:
-            stored = [r.st["kv"] if d else None for r, d in zip(group, dones)]
-            for layer in range(cfg.num_hidden_layers):
-                batch.k[layer] = _left_pad_cat([c.k[layer] if c else None for c in stored], M)
-                batch.v[layer] = _left_pad_cat([c.v[layer] if c else None for c in stored], M)
+            batch.k, batch.v = self._slab.gather([r.st.get("slot", 0) for r in group], M, dev)
         out = torch.zeros(R, Lq, dtype=torch.bool, device=dev)
         out[:, C:] = True  # the LM head on the noisy blocks only
         logits = self.model(ids, position_ids=pos, attn_mask=mask, cache=batch, output_positions=out).logits
         logits = logits.view(R, bs, -1)
         for i, (r, b, d, c) in enumerate(zip(group, b0s, dones, cs)):
             if c:
-                mine = r.st.setdefault("kv", KVCache(cfg.num_hidden_layers))
-                for layer in range(cfg.num_hidden_layers):
-                    k = batch.k[layer][i : i + 1, :, M + C - c : M + C]
-                    v = batch.v[layer][i : i + 1, :, M + C - c : M + C]
-                    mine.k[layer] = k if mine.k[layer] is None else torch.cat([mine.k[layer], k], dim=2)
-                    mine.v[layer] = v if mine.v[layer] is None else torch.cat([mine.v[layer], v], dim=2)
+                if "slot" not in r.st:
+                    r.st["slot"] = self._slab.acquire()
+                self._slab.write(r.st["slot"], d, [k[i : i + 1, :, M + C - c : M + C] for k in batch.k],
+                                 [v[i : i + 1, :, M + C - c : M + C] for v in batch.v])
                 r.st["clean_len"] = b
             lo, hi = r.block
             r.logits = logits[i, lo - b : hi - b]
@@ -764,6 +763,60 @@ class Decoder:
 
 
 _SCHEDULE = LogLinearSchedule()
+
+
+class _KVSlab:
+    """Clean-prefix K/V of many requests in one (slots, heads, T, head_dim) tensor per layer: a
+    request's cached prefix sits at [0, done) of its slot, so a batched step gathers its rows with
+    one index_select per layer (instead of copying each request's cache into a padded batch), and
+    a finished block is written in place. Slots are reused; capacity grows on demand (slots
+    doubling, T to the longest canvas seen, rounded up to 64)."""
+
+    def __init__(self, num_layers: int):
+        self.L = num_layers
+        self.k: Optional[list[torch.Tensor]] = None
+        self.v: Optional[list[torch.Tensor]] = None
+        self.free: list[int] = []
+        self.used = 0
+
+    def acquire(self) -> int:
+        if self.free:
+            return self.free.pop()
+        self.used += 1
+        return self.used - 1
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def _grow(self, like: torch.Tensor, slots: int, length: int) -> None:
+        S = 0 if self.k is None else self.k[0].shape[0]
+        T = 0 if self.k is None else self.k[0].shape[2]
+        if slots <= S and length <= T:
+            return
+        S2, T2 = max(S, slots, 2 * S if slots > S else 0), max(T, -(-length // 64) * 64)
+        H, D = like.shape[1], like.shape[3]
+
+        def grown(old):
+            new = like.new_zeros(S2, H, T2, D)
+            if old is not None:
+                new[:S, :, :T] = old
+            return new
+
+        self.k = [grown(None if self.k is None else self.k[i]) for i in range(self.L)]
+        self.v = [grown(None if self.v is None else self.v[i]) for i in range(self.L)]
+
+    def write(self, slot: int, start: int, ks: list, vs: list) -> None:
+        """Store per-layer (1, H, n, D) keys / values at [start, start + n) of `slot`."""
+        n = ks[0].shape[2]
+        self._grow(ks[0], slot + 1, start + n)
+        for layer in range(self.L):
+            self.k[layer][slot, :, start : start + n] = ks[layer][0]
+            self.v[layer][slot, :, start : start + n] = vs[layer][0]
+
+    def gather(self, slots: list[int], length: int, device) -> tuple[list, list]:
+        idx = torch.tensor(slots, dtype=torch.long, device=device)
+        return ([k[:, :, :length].index_select(0, idx) for k in self.k],
+                [v[:, :, :length].index_select(0, idx) for v in self.v])
 
 
 def _left_pad_cat(parts: list, length: int, like: Optional[torch.Tensor] = None) -> torch.Tensor:
