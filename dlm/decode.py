@@ -640,18 +640,15 @@ class Decoder:
         cs = [b - d for b, d in zip(b0s, dones)]
         M, C = max(dones), max(cs)
         Lq = C + bs
-        ids = torch.full((R, Lq), cfg.mask_token_id, dtype=torch.long, device=dev)
-        pos = torch.zeros(R, Lq, dtype=torch.long, device=dev)
-        q_blk = torch.full((R, Lq), -1, dtype=torch.long, device=dev)  # block index of each query (-1: pad)
-        for i, (r, b, d, c) in enumerate(zip(group, b0s, dones, cs)):
-            ids[i, C - c :] = r.canvas[d : b + bs]
-            pos[i, C - c :] = torch.arange(d, b + bs, device=dev)
-            q_blk[i, C - c :] = pos[i, C - c :] // bs
-        valid_q = q_blk >= 0
-        # keys: cache part (all valid entries precede every query), then the queries themselves
-        cache_ok = torch.zeros(R, M, dtype=torch.bool, device=dev)
-        for i, d in enumerate(dones):
-            cache_ok[i, :d] = True  # slab rows: a request's prefix at [0, done)
+        ids = torch.nn.utils.rnn.pad_sequence([r.canvas[d : b + bs] for r, b, d in zip(group, b0s, dones)],
+                                              batch_first=True, padding_value=cfg.mask_token_id, padding_side="left")
+        col = torch.arange(Lq, device=dev)[None]
+        valid_q = col >= (C - torch.tensor(cs, device=dev))[:, None]  # left padding of the clean part
+        pos = (torch.tensor(b0s, device=dev)[:, None] + bs - Lq + col).masked_fill(~valid_q, 0)
+        q_blk = (pos // bs).masked_fill(~valid_q, -1)  # block index of each query (-1: pad)
+        # keys: cache part (all valid entries precede every query), then the queries themselves;
+        # slab rows hold a request's prefix at [0, done)
+        cache_ok = torch.arange(M, device=dev)[None] < torch.tensor(dones, device=dev)[:, None]
         qk = (q_blk[:, None, :] <= q_blk[:, :, None]) & valid_q[:, None, :] & valid_q[:, :, None]
         qk |= torch.eye(Lq, dtype=torch.bool, device=dev)[None]  # pad queries see themselves
         mask = torch.cat([cache_ok[:, None, :].expand(R, Lq, M) & valid_q[:, :, None], qk], dim=-1)[:, None]
