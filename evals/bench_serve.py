@@ -143,7 +143,7 @@ def main(args) -> None:
         from dlm.model import load_model
 
         block = load_model(args.model).config.objective in ("bd3lm", "e2d2")
-        serve_args = "--unmask threshold --cache exact" if block else "--unmask threshold --cache dual --block-length 32"
+        serve_args = "--unmask threshold --cache exact" if block else "--unmask threshold --cache dual --block-length 16"
     cmd = [sys.executable, "-m", "dlm.cli", "serve", args.model, "--port", str(port), "--max-batch", str(max(levels)),
            "--max-queue", str(4 * max(levels) + 16), "--max-tokens-limit", str(args.max_tokens),
            "--served-model-name", "dlm", *serve_args.split()]

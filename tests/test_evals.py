@@ -66,8 +66,9 @@ def test_bench_decode_smoke(tmp_path, small_corpus):
 
 @pytest.mark.parametrize("spec", ["3/2", "a/b/c", "1/-1/0"])
 def test_bench_decode_rejects_bad_gaps(spec):
-    from dlm.errors import DLMError
     from dlm.evals.bench_decode import _gap_configs
+
+    from dlm.errors import DLMError
 
     with pytest.raises(DLMError, match="triples"):
         _gap_configs(spec, is_block=True)
