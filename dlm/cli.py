@@ -86,6 +86,9 @@ def cmd_train(args) -> None:
     out = train(cfg)
     if out and int(os.environ.get("RANK", "0")) == 0:
         print(out)  # the exported model directory, once (rank 0) under a launcher
+    from dlm.training.distributed import shutdown
+
+    shutdown()  # the process exits next: tear the process group down cleanly first
 
 
 # ------------------------------------------------------------------ tokenizer / corpus

@@ -73,6 +73,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def shutdown() -> None:
+    """Destroy the process group before the process exits. Left to interpreter shutdown, the
+    communication backend's threads can be torn down mid-flight and a rank aborts after a
+    successful run ("terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def rank0_first(fn):
     """Run `fn` on rank 0, then on the other ranks (which can then read what rank 0 cached).
 
