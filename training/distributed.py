@@ -76,8 +76,9 @@ def barrier() -> None:
 def shutdown() -> None:
     """Destroy the process group before the process exits. Left to interpreter shutdown, the
     communication backend's threads can be torn down mid-flight and a rank aborts after a
-    successful run ("terminate called without an active exception")."""
-    if torch.distributed.is_initialized():
+    successful run ("terminate called without an active exception"). Multi-process runs only: a
+    single process keeps its group, since DeepSpeed caches it for later runs in the same process."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
