@@ -325,46 +325,47 @@ class TokenDFA:
             state = int(t[state, tok])
         return state
 
+    def _fw(self, f: np.ndarray, tok: int, mask_id: int, m: int = 1) -> np.ndarray:
+        """States after one slot (a token, or m open slots) from the set f."""
+        if tok == mask_id:
+            n = (self._pow(m) if m > 1 else self._np()[2])[f].any(0)
+        else:
+            n = np.zeros_like(f)
+            n[self._np()[0][f, tok]] = True
+        n[self.dead] = False
+        return n
+
+    def _bw(self, g: np.ndarray, tok: int, mask_id: int, m: int = 1) -> np.ndarray:
+        """States from which one slot (a token, or m open slots) leads into the set g."""
+        if tok == mask_id:
+            n = (self._pow(m) if m > 1 else self._np()[2])[:, g].any(1)
+        else:
+            n = g[self._np()[0][:, tok]]
+        n[self.dead] = False
+        return n
+
     def reachable(self, state: int, slots: Sequence[int], mask_id: int) -> list[np.ndarray]:
         """Forward state sets: sets[i] = states possible before slot i (len(slots) + 1 sets)."""
-        t, _, succ, _ = self._np()
         f = np.zeros(self.num_states, dtype=bool)
         f[state] = True
         sets = [f]
         for tok in slots:
-            if tok == mask_id:
-                n = succ[f].any(0)
-            else:
-                n = np.zeros_like(f)
-                n[t[f, tok]] = True
-            n[self.dead] = False
-            sets.append(n)
-            f = n
+            sets.append(self._fw(sets[-1], tok, mask_id))
         return sets
 
     def coreachable(self, slots: Sequence[int], mask_id: int, left_after: int) -> list[np.ndarray]:
         """Backward sets: sets[i] = states before slot i from which slots i.. and `left_after`
         more free positions can end accepted."""
-        t, _, succ, dist = self._np()
-        g = dist <= left_after
-        sets = [g]
+        sets = [self._np()[3] <= left_after]
         for tok in reversed(slots):
-            n = succ[:, g].any(1) if tok == mask_id else g[t[:, tok]]
-            n[self.dead] = False
-            sets.append(n)
-            g = n
+            sets.append(self._bw(sets[-1], tok, mask_id))
         return sets[::-1]
 
     def _coreachable_first(self, slots: Sequence[int], mask_id: int, left_after: int) -> np.ndarray:
         """coreachable(...)[0] alone, mask runs in one step each."""
-        t, _, succ, dist = self._np()
-        g = dist <= left_after
+        g = self._np()[3] <= left_after
         for i, m in reversed(self._runs(slots, mask_id)):
-            if m > 1:
-                g = self._pow(m)[:, g].any(1)
-            else:
-                g = succ[:, g].any(1) if slots[i] == mask_id else g[t[:, slots[i]]]
-            g[self.dead] = False
+            g = self._bw(g, slots[i], mask_id, m)
         return g
 
     def allowed(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
@@ -425,22 +426,13 @@ class TokenDFA:
 
     def _feasible(self, state: int, slots: Sequence[int], mask_id: int, left_after: int) -> bool:
         """Can slots (MASK = any one token) be completed validly from `state`?"""
-        t, _, succ, dist = self._np()
         f = np.zeros(self.num_states, dtype=bool)
         f[state] = True
         for i, m in self._runs(slots, mask_id):
-            if m > 1:
-                f = self._pow(m)[f].any(0)
-            elif slots[i] == mask_id:
-                f = succ[f].any(0)
-            else:
-                n = np.zeros_like(f)
-                n[t[f, slots[i]]] = True
-                f = n
-            f[self.dead] = False
+            f = self._fw(f, slots[i], mask_id, m)
             if not f.any():
                 return False
-        return bool((f & (dist <= left_after)).any())
+        return bool((f & (self._np()[3] <= left_after)).any())
 
     def _viterbi(self, state, slots, mask_id, left_after, cands) -> Optional[tuple[dict[int, int], float]]:
         """The DP itself; cands: committed slot -> (token ids, their scores). Returns (choice, score)."""

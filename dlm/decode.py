@@ -361,11 +361,10 @@ class Decoder:
         fast = [r for r in work if self._greedy_threshold(r)]
         if len(fast) > 1:
             self._commit_greedy_threshold(fast)
-        else:
-            fast = []
+        batched = {id(r) for r in fast} if len(fast) > 1 else set()
         for r in work:
             r.prev_logits = r.logits
-            if not fast or not self._greedy_threshold(r):
+            if id(r) not in batched:
                 self._commit(r)
         return work
 
