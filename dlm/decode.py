@@ -17,7 +17,13 @@ chooser of later issues can drive or replace them):
   per step by default: the LLaDA-style low-confidence-remasking baseline), "threshold" (every
   position whose chosen token has probability >= tau, at least the best one; Fast-dLLM),
   "factor" (the largest n with (n + 1)(1 - c_(n)) < f; Fast-dLLM) and "ancestral" (MDLM's
-  ancestral step: each mask is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t)).
+  ancestral step: each mask is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t))
+  and "first_hitting" (Zheng et al. 2024; BD3-LM's `first_hitting` sampler): one uniformly
+  random mask per step, revealed at its sampled hitting time. With n masks left at time t, the
+  first of them is revealed at tau = t * u^(1/n), u ~ U(0, 1) (the masking probability of the
+  log-linear schedule is linear in t), and a time-conditioned network is called at tau. The
+  time runs over the answer (MDLM, RADD) or restarts at 1 with every block (BD3-LM, E2D2);
+  networks without time input only see the random one-per-step order.
 * Early commit (`early_commit`): Prophet's rule. The mean top-1 / top-2 logit gap over the
   masked positions of the scope, against thresholds that fall as decoding progresses; when it
   passes, every remaining mask of the scope ("block" or "answer") takes its argmax at once.
@@ -251,6 +257,7 @@ class DecodeRequest:
         self.gen = torch.Generator().manual_seed(int(seed))
         self.steps_total = config.steps or self.gen_len  # fixed-k policies: spread over blocks
         self.bi, self.s_in_block, self.step_i = 0, 0, 0
+        self.hit_t, self.hit_block = 1.0, -1  # first-hitting sampler: current time, its block
         self.st: dict = {"mode": config.cache}
         self.prev_logits, self.changed = None, True
         self.logits = None
@@ -353,6 +360,8 @@ class Decoder:
             return []
         need = []
         for r in work:
+            if r.config.unmask == "first_hitting":
+                self._next_hitting_time(r)
             if r.changed or r.prev_logits is None or self.cfg.time_conditioning:
                 need.append(r)
             else:  # nothing changed since the last call (ancestral step): reuse its output
@@ -520,11 +529,29 @@ class Decoder:
                 r.nfe += 1
                 r.t_forward += dt
 
+    def _next_hitting_time(self, r: DecodeRequest) -> None:
+        """First-hitting sampler: move r.hit_t to the time the next of its n masks is revealed,
+        tau = t * u^(1/n) (u from the request's own generator, so seeded runs repeat)."""
+        mask_id = self.cfg.mask_token_id
+        if self.block_model:
+            lo, hi = r.block
+            if r.hit_block != r.bi:  # a new block starts fully masked at t = 1
+                r.hit_t, r.hit_block = 1.0, r.bi
+        else:
+            lo, hi = r.P, r.P + r.N
+        n = int((r.canvas[lo:hi] == mask_id).sum())
+        u = float(torch.rand((), generator=r.gen, dtype=torch.float64))
+        r.hit_t *= u ** (1.0 / max(1, n))
+
     def _sigma(self, group: list[DecodeRequest]):
-        """Noise level for time-conditioned MDLM: t = the masked fraction of each answer."""
+        """Noise level for time-conditioned MDLM: t = the masked fraction of each answer, or the
+        sampled hitting time under the first-hitting sampler."""
         if not self.cfg.time_conditioning:
             return None
-        t = torch.stack([(r.canvas[r.P :] == self.cfg.mask_token_id).float().mean() for r in group]).clamp(min=1e-3)
+        mask_id = self.cfg.mask_token_id
+        t = torch.stack([torch.tensor(r.hit_t, dtype=torch.float32, device=self.device)
+                         if r.config.unmask == "first_hitting" else (r.canvas[r.P :] == mask_id).float().mean()
+                         for r in group]).clamp(min=1e-3)
         return _SCHEDULE.sigma(t)
 
     def _full(self, group: list[DecodeRequest]) -> None:
@@ -727,6 +754,10 @@ class Decoder:
             p = float(sched.reveal_prob(tt, ss)) if t > 0 else 1.0
             draw = torch.rand(n_masked, generator=gen, dtype=torch.float64)
             return (draw < p).to(conf.device)
+        if u == "first_hitting":  # one uniformly random mask (its time was drawn before the call)
+            sel = torch.zeros(n_masked, dtype=torch.bool)
+            sel[int(torch.randint(n_masked, (), generator=gen))] = True
+            return sel.to(conf.device)
         k = math.ceil(n_masked / steps_left)
         if u == "confidence":
             scores = conf

@@ -213,7 +213,8 @@ SUITE = [("regex", r) for r in REGEXES] + [("json", s) for s in SCHEMAS] + \
           derandomize=not os.environ.get("DLM_PROPERTY_RANDOM"), database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(SUITE), unmask=st.sampled_from(["confidence", "threshold", "random", "margin",
-                                                             "entropy", "factor", "ancestral"]),
+                                                             "entropy", "factor", "ancestral",
+                                                             "first_hitting"]),
        block=st.sampled_from([None, 4, 8]), seed=st.integers(0, 10_000), temperature=st.sampled_from([0.0, 1.0]),
        model_seed=st.integers(0, 3))
 def test_every_output_is_in_the_language(tok, compiler, case, unmask, block, seed, temperature, model_seed):

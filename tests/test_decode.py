@@ -154,6 +154,65 @@ def test_ancestral_policy_reveals_everything_in_its_steps():
     assert res.stats["nfe"] <= 4
 
 
+def test_first_hitting_reveals_one_random_mask_per_step():
+    model = KnownModel(peaked_table(32, WIN, CONF))
+    res = run(model, [3], DecodeConfig(max_new_tokens=8, unmask="first_hitting", seed=3), record=True)
+    order = commit_order(Recorder.log)
+    assert res.stats["nfe"] == 8 and all(len(o) == 1 for o in order)
+    assert res.tokens == [WIN[(2 + i) % 8] for i in range(8)]  # greedy: the known argmax
+    orders = set()
+    for seed in range(12):
+        run(model, [3], DecodeConfig(max_new_tokens=8, unmask="first_hitting", seed=seed), record=True)
+        orders.add(tuple(o[0] for o in commit_order(Recorder.log)))
+    confident = tuple(sorted(range(2, 10), key=lambda p: -CONF[p % 8]))
+    assert len(orders) >= 10 and confident not in orders  # random order, not by confidence
+    run(model, [3], DecodeConfig(max_new_tokens=8, unmask="first_hitting", seed=3), record=True)
+    assert commit_order(Recorder.log) == order  # seeded
+
+
+class TimedModel(KnownModel):
+    """A time-conditioned KnownModel that records the noise level of every call."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.config.time_conditioning = True
+        self.sigmas = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, sigma=None, **kw):
+        self.sigmas.append(sigma.double().clone())
+        return super().forward(input_ids, attention_mask, position_ids, **kw)
+
+
+def test_first_hitting_calls_the_network_at_the_sampled_hitting_times():
+    """With n masks left at time t, the next reveal happens at tau = t * u^(1/n): so the
+    network's times fall at every call and -n log(tau / t) is Exp(1) distributed."""
+    from dlm.noise import LogLinearSchedule
+
+    eps = LogLinearSchedule().eps
+    model = TimedModel(peaked_table(32, WIN, CONF))
+    draws = []
+    for seed in range(60):
+        model.sigmas = []
+        run(model, [3], DecodeConfig(max_new_tokens=8, unmask="first_hitting", temperature=1.0, seed=seed))
+        times = [float((1 - torch.exp(-s)) / (1 - eps)) for s in model.sigmas]
+        assert len(times) == 8 and all(b < a for a, b in zip(times, times[1:]) if b > 1.01e-3)
+        prev = 1.0
+        for n, t in zip(range(8, 0, -1), times):
+            if t <= 1.01e-3:  # the decoder clamps t at 1e-3
+                break
+            draws.append(-n * math.log(t / prev))
+            prev = t
+    draws = torch.tensor(draws)
+    assert len(draws) > 300
+    assert abs(float(draws.mean()) - 1.0) < 0.15  # Exp(1): mean 1
+    assert abs(float((draws < math.log(2)).double().mean()) - 0.5) < 0.08  # median ln 2
+    # the masked fraction (what the other policies pass) would give (n - 1) / 8 exactly
+    model.sigmas = []
+    run(model, [3], DecodeConfig(max_new_tokens=8, unmask="random"))
+    times = [float((1 - torch.exp(-s)) / (1 - eps)) for s in model.sigmas]
+    assert times[:3] == pytest.approx([1.0, 7 / 8, 6 / 8], abs=1e-5)
+
+
 def test_semi_autoregressive_blocks_go_left_to_right():
     model = KnownModel(peaked_table(32, WIN, CONF))
     run(model, [3], DecodeConfig(max_new_tokens=8, block_length=4), record=True)
