@@ -683,7 +683,10 @@ class Decoder:
             batch.k, batch.v = self._slab.gather([r.st.get("slot", 0) for r in group], M, dev)
         out = torch.zeros(R, Lq, dtype=torch.bool, device=dev)
         out[:, C:] = True  # the LM head on the noisy blocks only
-        logits = self.model(ids, position_ids=pos, attn_mask=mask, cache=batch, output_positions=out).logits
+        # rows of different lengths (a request that just finished a block, or a new one with its
+        # prompt, among requests that only step): padding stays out of the per-token layers
+        logits = self.model(ids, position_ids=pos, attn_mask=mask, cache=batch, output_positions=out,
+                            query_valid=valid_q if C else None).logits
         logits = logits.view(R, bs, -1)
         for i, (r, b, d, c) in enumerate(zip(group, b0s, dones, cs)):
             if c:

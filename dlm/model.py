@@ -229,13 +229,19 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         return apply_rotary(k, cos, sin), v
 
-    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cache: Optional[KVCache] = None, memory=None):
+    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cache: Optional[KVCache] = None, memory=None,
+                pack=None):
         """memory: optional (states, cos, sin) of other tokens (E2D2's encoder output, already
-        normalised) whose keys/values go *before* this sequence's own; queries come from x only."""
+        normalised) whose keys/values go *before* this sequence's own; queries come from x only.
+        pack: optional `_Pack`: x holds only the valid tokens of a padded (B, L) batch, as one
+        row (see `DLMModel.forward(query_valid=...)`); attention runs on the padded layout."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k, v = self._kv(x, cos, sin)
+        if pack is not None:
+            q, k, v = pack.unpack(q), pack.unpack(k), pack.unpack(v)
+            B, L = pack.B, pack.L
         if memory is not None:
             mk, mv = self._kv(*memory)
             k, v = torch.cat([mk, k], dim=2), torch.cat([mv, v], dim=2)
@@ -245,7 +251,35 @@ class Attention(nn.Module):
             y = _flex_attention()(q, k, v, block_mask=attn_mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+        y = y.transpose(1, 2).reshape(B, L, -1)
+        if pack is not None:
+            y = pack.repack(y)
+        return self.o_proj(y)
+
+
+class _Pack:
+    """The valid tokens of a padded (B, L) batch, packed into one row of T tokens: the per-token
+    layers (projections, MLP, norms, rotary) run on the T tokens only, attention on the padded
+    layout. A batch whose rows need different lengths (the decoder's batched block steps) then
+    costs its real tokens, not B times its longest row."""
+
+    def __init__(self, valid: torch.Tensor):
+        self.B, self.L = valid.shape
+        self.index = valid.reshape(-1).nonzero().squeeze(1)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (1, T, ...)."""
+        return t.reshape(self.B * self.L, *t.shape[2:]).index_select(0, self.index)[None]
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """(1, heads, T, d) -> (B, heads, L, d), zeros at the padding."""
+        _, h, _, d = t.shape
+        out = t.new_zeros(self.B * self.L, h, d).index_copy_(0, self.index, t[0].transpose(0, 1))
+        return out.view(self.B, self.L, h, d).transpose(1, 2)
+
+    def repack(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (1, T, D)."""
+        return y.reshape(self.B * self.L, -1).index_select(0, self.index)[None]
 
 
 def _is_block_mask(mask) -> bool:
@@ -293,11 +327,11 @@ class Block(nn.Module):
         if self.adaLN is not None:
             self.adaLN._dlm_zero_init = True
 
-    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cond=None, cache=None, memory=None):
+    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cond=None, cache=None, memory=None, pack=None):
         if memory is not None:  # (states, cos, sin): normalised like this layer's own input
             memory = (self.input_layernorm(memory[0]), memory[1], memory[2])
         if self.adaLN is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, memory)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, memory, pack)
             return x + self.mlp(self.post_attention_layernorm(x))
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(cond)[:, None].chunk(6, dim=-1)
         h = self.input_layernorm(x) * (1 + sc1) + sh1
@@ -396,6 +430,7 @@ class DLMModel(DLMPreTrainedModel):
         cache: Optional[KVCache] = None,
         return_hidden: bool = False,
         output_positions: Optional[torch.Tensor] = None,
+        query_valid: Optional[torch.Tensor] = None,
     ) -> DLMOutput:
         """
         input_ids: (B, L). attention_mask: optional (B, Lk) padding mask, 1 = real token; it is
@@ -405,6 +440,9 @@ class DLMModel(DLMPreTrainedModel):
         sigma: (B,) noise level, required iff config.time_conditioning.
         output_positions: optional boolean (B, L); logits are computed only there and returned
         flattened as (N, V). Losses use it to skip the LM head where nothing is scored.
+        query_valid: optional boolean (B, L): the tokens that matter; the others (padding) are
+        left out of every per-token layer (their keys are not attended to: the mask must say so;
+        with a cache, their entries hold zeros). Results at valid tokens are unchanged.
         """
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -441,6 +479,17 @@ class DLMModel(DLMPreTrainedModel):
         elif cache is not None and past > 0 and is_causal:
             is_causal = False  # one query at the end attends to everything before it
 
+        pack = None
+        if query_valid is not None and not bool(query_valid.all()):
+            if self.time_embed is not None:
+                raise ValueError("query_valid needs a model without time input")
+            if attn_mask is None or output_positions is None:
+                raise ValueError("query_valid needs an explicit attn_mask that hides the left-out tokens "
+                                 "and output_positions")
+            pack = _Pack(query_valid)
+            input_ids, position_ids = pack.pack(input_ids), pack.pack(position_ids)
+            if output_positions is not None:
+                output_positions = pack.pack(output_positions)
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         cond = None
@@ -449,7 +498,7 @@ class DLMModel(DLMPreTrainedModel):
                 raise ValueError("this model is time-conditioned: pass sigma")
             cond = self.time_embed(sigma.reshape(-1).expand(B) if sigma.numel() == 1 else sigma)
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, is_causal, cond, cache)
+            x = layer(x, cos, sin, attn_mask, is_causal, cond, cache, pack=pack)
         x = self.norm(x)
         if self.final_adaLN is not None:
             shift, scale = self.final_adaLN(cond)[:, None].chunk(2, dim=-1)

@@ -67,6 +67,36 @@ def test_output_positions_selects_rows():
     assert torch.allclose(m(x, output_positions=sel).logits, m(x).logits[sel], atol=1e-6)
 
 
+def test_packed_queries_match_the_padded_forward():
+    """query_valid leaves padding out of the per-token layers: logits at valid tokens and the
+    cache entries they write are those of the padded forward."""
+    m = make("bd3lm", block_size=4)
+    B, M, L = 3, 5, 7
+    x = torch.randint(3, V - 1, (B, L))
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, :3], valid[2, :1] = False, False  # left padding of different lengths
+    mask = (valid[:, None, :] & valid[:, :, None]) | torch.eye(L, dtype=torch.bool)
+    mask = torch.cat([torch.ones(B, L, M, dtype=torch.bool), mask], -1)[:, None]
+    pos = torch.arange(M, M + L)[None].expand(B, -1)
+    out = valid.clone()
+    out[1, :2] = False
+    past = [torch.randn(B, m.config.num_attention_heads, M, m.config.head_dim) for _ in range(4)]
+
+    def run(**kw):
+        cache = KVCache(m.config.num_hidden_layers)
+        cache.k, cache.v = [past[0], past[1]], [past[2], past[3]]
+        return m(x, position_ids=pos, attn_mask=mask, cache=cache, output_positions=out, **kw).logits, cache
+
+    padded, c_pad = run()
+    packed, c_pack = run(query_valid=valid)
+    assert packed.shape == padded.shape and torch.allclose(packed, padded, atol=1e-5)
+    for a, b in zip(c_pad.k + c_pad.v, c_pack.k + c_pack.v):
+        keep = torch.cat([torch.ones(B, M, dtype=torch.bool), valid], 1)
+        assert torch.allclose(a.transpose(1, 2)[keep], b.transpose(1, 2)[keep], atol=1e-5)
+    with pytest.raises(ValueError, match="attn_mask"):
+        m(x, query_valid=valid, output_positions=out)
+
+
 def test_time_conditioning_starts_as_identity_and_uses_sigma():
     plain, timed = make(), make(time_conditioning=True)
     timed.load_state_dict(plain.state_dict(), strict=False)
