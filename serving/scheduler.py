@@ -41,9 +41,19 @@ class Job:
     sent: int = 0  # final answer tokens already reported
     stream: bool = False  # post progress ("tokens") events; otherwise only the end
 
-    def post(self, kind: str, value) -> None:
-        if self.loop is not None and not self.loop.is_closed():
+    def post(self, kind: str, value, outbox: Optional[list] = None) -> None:
+        """Send an event to the job's HTTP handler: at once, or (with `outbox`) in the scheduler's
+        next `_flush`, which wakes each event loop once for all the events of a step."""
+        if outbox is not None:
+            outbox.append((self, kind, value))
+        elif self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
+
+
+def _deliver(items: list) -> None:
+    """Runs in an event loop: hand a step's events to their jobs' queues."""
+    for job, kind, value in items:
+        job.events.put_nowait((job.index, kind, value))
 
 
 class Scheduler:
@@ -59,6 +69,7 @@ class Scheduler:
         self.steps = 0
         self.stepped_jobs = 0  # sum over steps of the batch size: stepped_jobs / steps = mean batch
         self.step_seconds = 0.0
+        self.outbox: list = []  # (job, kind, value) posted during a step, sent by _flush
         self.thread = threading.Thread(target=self._run, name="dlm-scheduler", daemon=True)
         self.thread.start()
 
@@ -129,17 +140,33 @@ class Scheduler:
                 r = j.request
                 if r.finished:
                     self._report_progress(j, final=True)
-                    j.post("done", r.result)
+                    j.post("done", r.result, self.outbox)
                     if self.metrics:
                         self.metrics.finished(j, r.result)
                     continue
                 if j.deadline is not None and now > j.deadline:
                     self.decoder.cancel(r)
-                    j.post("error", "timeout")
+                    j.post("error", "timeout", self.outbox)
                     continue
                 self._report_progress(j)
                 keep.append(j)
             self.live = keep
+            self._flush()
+
+    def _flush(self) -> None:
+        """One wake-up per event loop for all the events of a step (waking the loop once per
+        job per step cost the scheduler a system call each, and the loop as many wake-ups)."""
+        by_loop: dict = {}
+        for item in self.outbox:
+            loop = item[0].loop
+            if loop is not None and not loop.is_closed():
+                by_loop.setdefault(loop, []).append(item)
+        self.outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+                pass
 
     def _retire_cancelled(self) -> None:
         with self.lock:
@@ -170,5 +197,5 @@ class Scheduler:
                 job.first_token = time.perf_counter()
             job.sent = n
             if job.stream:
-                job.post("tokens", toks)
+                job.post("tokens", toks, self.outbox)
 
