@@ -678,9 +678,10 @@ class Decoder:
         qk = (q_blk[:, None, :] <= q_blk[:, :, None]) & valid_q[:, None, :] & valid_q[:, :, None]
         qk |= torch.eye(Lq, dtype=torch.bool, device=dev)[None]  # pad queries see themselves
         mask = torch.cat([cache_ok[:, None, :].expand(R, Lq, M) & valid_q[:, :, None], qk], dim=-1)[:, None]
-        batch = KVCache(cfg.num_hidden_layers)
-        if M:
-            batch.k, batch.v = self._slab.gather([r.st.get("slot", 0) for r in group], M, dev)
+        if M:  # the cached prefixes, gathered into tensors with room for this call's K/V
+            batch = KVCache.preallocated(*self._slab.gather([r.st.get("slot", 0) for r in group], M, dev, room=Lq), M)
+        else:
+            batch = KVCache(cfg.num_hidden_layers)
         out = torch.zeros(R, Lq, dtype=torch.bool, device=dev)
         out[:, C:] = True  # the LM head on the noisy blocks only
         # rows of different lengths (a request that just finished a block, or a new one with its
@@ -843,10 +844,17 @@ class _KVSlab:
             self.k[layer][slot, :, start : start + n] = ks[layer][0]
             self.v[layer][slot, :, start : start + n] = vs[layer][0]
 
-    def gather(self, slots: list[int], length: int, device) -> tuple[list, list]:
+    def gather(self, slots: list[int], length: int, device, room: int = 0) -> tuple[list, list]:
+        """Per layer, the slots' first `length` entries as (R, H, length + room, D); the last
+        `room` entries are uninitialised."""
         idx = torch.tensor(slots, dtype=torch.long, device=device)
-        return ([k[:, :, :length].index_select(0, idx) for k in self.k],
-                [v[:, :, :length].index_select(0, idx) for v in self.v])
+        out = ([], [])
+        for src, dst in ((self.k, out[0]), (self.v, out[1])):
+            for t in src:
+                buf = t.new_empty(len(slots), t.shape[1], length + room, t.shape[3])
+                torch.index_select(t[:, :, :length], 0, idx, out=buf[:, :, :length])
+                dst.append(buf)
+        return out
 
 
 def _left_pad_cat(parts: list, length: int, like: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -190,12 +190,31 @@ class KVCache:
         self.k: list[Optional[torch.Tensor]] = [None] * num_layers
         self.v: list[Optional[torch.Tensor]] = [None] * num_layers
         self.commit = True
+        self.used: Optional[int] = None  # preallocated: see `preallocated`
+
+    @classmethod
+    def preallocated(cls, k: list, v: list, used: int) -> "KVCache":
+        """A cache for one call whose per-layer tensors already have room after their first `used`
+        entries: `update` writes the new keys / values there (no concatenation copy) and returns
+        the first used + L entries; the tensors then hold them."""
+        cache = cls(len(k))
+        cache.k, cache.v, cache.used = list(k), list(v), used
+        return cache
 
     @property
     def length(self) -> int:
+        if self.used is not None:
+            return self.used
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.used is not None:
+            end = self.used + k.shape[2]
+            if end > self.k[layer].shape[2]:
+                raise ValueError(f"preallocated cache has room for {self.k[layer].shape[2] - self.used} new entries, got {k.shape[2]}")
+            self.k[layer][:, :, self.used : end] = k
+            self.v[layer][:, :, self.used : end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
         if self.k[layer] is not None:
             k_all = torch.cat([self.k[layer], k], dim=2)
             v_all = torch.cat([self.v[layer], v], dim=2)

@@ -60,6 +60,24 @@ def test_kv_cache_matches_full_forward():
     assert cache.length == 5
 
 
+def test_preallocated_cache_equals_the_concatenating_one():
+    m = make("bd3lm", block_size=4)
+    x = torch.randint(3, V - 1, (2, 12))
+    full = KVCache(m.config.num_hidden_layers)
+    m(x[:, :8], cache=full)
+    ref = KVCache(m.config.num_hidden_layers)
+    ref.k, ref.v = list(full.k), list(full.v)
+    want = m(x[:, 8:], cache=ref).logits
+    room = [torch.cat([t, torch.full((2, t.shape[1], 6, t.shape[3]), float("nan"))], 2) for t in full.k + full.v]
+    pre = KVCache.preallocated(room[:2], room[2:], used=8)
+    assert pre.length == 8
+    assert torch.allclose(m(x[:, 8:], cache=pre).logits, want, atol=1e-6)
+    for a, b in zip(ref.k + ref.v, pre.k + pre.v):
+        assert torch.equal(a, b[:, :, :12])  # the new entries were written in place
+    with pytest.raises(ValueError, match="room"):
+        m(x, cache=KVCache.preallocated(room[:2], room[2:], used=8))
+
+
 def test_output_positions_selects_rows():
     m = make()
     x = torch.randint(0, V, (2, 9))
