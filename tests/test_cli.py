@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from dlm.training import checkpoint
 from dlm.training.config import TrainConfig
 from dlm.training.trainer import train
@@ -135,10 +136,30 @@ def test_checkpoint_from_another_model_type(capsys, tmp_path, small_corpus, run_
     fails_cleanly(capsys, ["ppl", bert, "--data", small_corpus], "bert")
     fails_cleanly(capsys, ["train", "--init-from", bert, "--data", small_corpus, "--output-dir", tmp_path / "o",
                            *TINY], "bert")
-    # A dlm model trained with another objective is refused too.
+    # A dlm model whose objective has other parameters (E2D2's decoder) is refused too, and so is
+    # a time-conditioning mismatch.
     fails_cleanly(capsys, ["train", "--init-from", run_dir / "model", "--tokenizer", run_dir / "model",
-                           "--objective", "ar", "--data", small_corpus, "--output-dir", tmp_path / "o2", *TINY],
-                  "objective")
+                           "--objective", "e2d2", "--block-size", "4", "--decoder-layers", "1", "--data", small_corpus,
+                           "--output-dir", tmp_path / "o2", *TINY], "objective")
+    fails_cleanly(capsys, ["train", "--init-from", run_dir / "model", "--tokenizer", run_dir / "model",
+                           "--objective", "mdlm", "--time-conditioning", "--data", small_corpus,
+                           "--output-dir", tmp_path / "o3", *TINY], "time conditioning")
+
+
+def test_init_from_another_objective_with_the_same_backbone(tmp_path, small_corpus, run_dir):
+    """An MDLM run continues as a BD3-LM (the BD3-LM paper's recipe; AR -> MDLM alike): the
+    weights carry over and the saved model is a BD3-LM with its block size."""
+    from dlm.model import load_model
+
+    out = tmp_path / "bd3"
+    train(TrainConfig(data=small_corpus, output_dir=str(out), init_from=str(run_dir / "model"),
+                      tokenizer=str(run_dir / "model"), objective="bd3lm", block_size=4, size="debug", seq_len=32,
+                      micro_batch=4, max_steps=1, lr=1e-12, warmup_steps=0, vocab_size=300, eval_every=1,
+                      eval_batches=1, tensorboard=False))
+    src, dst = load_model(str(run_dir / "model")), load_model(str(out / "model"))
+    assert dst.config.objective == "bd3lm" and dst.config.block_size == 4
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
 
 
 def test_missing_and_corrupt_model_dirs(capsys, tmp_path, small_corpus, run_dir):

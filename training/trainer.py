@@ -190,9 +190,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.init_from:
             model = load_model(cfg.init_from)
+            if bool(model.config.time_conditioning) != bool(cfg.time_conditioning):
+                have = "with" if model.config.time_conditioning else "without"
+                raise DLMError(f"--init-from {cfg.init_from} was trained {have} time conditioning; pass "
+                               f"--{'' if model.config.time_conditioning else 'no-'}time-conditioning to match it")
             if model.config.objective != cfg.objective:
-                raise DLMError(f"--init-from {cfg.init_from} is a {model.config.objective!r} model but --objective is "
-                               f"{cfg.objective!r}; pass the matching objective")
+                _convert_objective(model, cfg)
+                self.log(f"initialising a {cfg.objective} model from the weights of {cfg.init_from}")
             check_tokenizer_for_model(tok, model.config, where=f"--init-from {cfg.init_from}")
         else:
             extra = {}
@@ -444,6 +448,26 @@ class Trainer:
             self.log(f"exported model to {final}")
         D.barrier()
         return final
+
+
+# Objectives that share one backbone (the same parameters; only masks and losses differ), so
+# weights carry over: BD3-LM from MDLM (the BD3-LM paper's recipe), MDLM / RADD from an AR model
+# (DiffuLLaMA / Dream adapt AR models), or an MDLM from a BD3-LM.
+_SHARED_BACKBONE = ("mdlm", "radd", "bd3lm", "ar")
+
+
+def _convert_objective(model, cfg: TrainConfig) -> None:
+    """--init-from with another objective: continue from the weights under cfg.objective."""
+    src, mc = model.config.objective, model.config
+    if src not in _SHARED_BACKBONE or cfg.objective not in _SHARED_BACKBONE:
+        raise DLMError(f"--init-from {cfg.init_from} is a {src!r} model and --objective is {cfg.objective!r}: "
+                       f"their weights do not carry over (only {', '.join(_SHARED_BACKBONE)} share a backbone); "
+                       "pass the matching objective")
+    mc.objective = cfg.objective
+    mc.block_size = cfg.block_size if cfg.objective == "bd3lm" else None
+    if cfg.objective == "bd3lm":
+        mc.attention_backend = cfg.attention_backend
+    mc.validate()
 
 
 def _maybe_float(x):
