@@ -509,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--n-prompts", type=int, default=16)
     bd.add_argument("--split", default="test", choices=["test", "validation"],
                     help="prompts of the checkable tasks from this split (tune on validation, report on test)")
+    bd.add_argument("--thresholds", help="extra threshold + cache configurations, one per tau: \"0.7,0.5\" "
+                    "(dual cache for MDLM / RADD, exact for block models); choose tau on --split validation")
     bd.add_argument("--early-commit-gaps", help="extra early-commit configurations, one per gap triple: "
                     "\"3/2/1,2/1/0.5\" (top-2 logit gaps early / middle / late in decoding)")
     bd.add_argument("--batch-size", type=int, default=8)

@@ -94,3 +94,12 @@ def scored_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask == 1
     valid[:, 0] = False
     return valid
+
+
+def effective_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """None when every position is an ordinary token (all 1: no padding, no given prompt), else
+    the mask itself. Not `attention_mask.all()`: a given prompt (2, --pack sft) is truthy too, and
+    dropping the mask would noise and score the prompt."""
+    if attention_mask is None or bool((attention_mask == 1).all()):
+        return None
+    return attention_mask

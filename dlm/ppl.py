@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from dlm.noise import effective_mask
 from dlm.objectives import make_objective
 
 
@@ -54,7 +55,7 @@ def perplexity(
         rows = dataset[b * batch_size : (b + 1) * batch_size]
         ids = rows["input_ids"].to(device)
         am = rows["attention_mask"].to(device)
-        am = None if bool(am.all()) else am
+        am = effective_mask(am)
         B, L = ids.shape
         # One draw over B * K rows: the K samples of a sequence get times K strata apart.
         noise = obj.draw_noise(B * K, L, gen)

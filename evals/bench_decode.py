@@ -71,6 +71,24 @@ def _gap_configs(spec: str, is_block: bool) -> dict:
     return out
 
 
+def _threshold_configs(spec: str, is_block: bool) -> dict:
+    """--thresholds "0.7,0.5": one threshold + cache configuration per tau (dual cache for MDLM /
+    RADD, exact for block models), to choose tau on the validation split."""
+    from dlm.errors import DLMError
+
+    out = {}
+    for item in [x.strip() for x in (spec or "").split(",") if x.strip()]:
+        try:
+            tau = float(item)
+        except ValueError:
+            tau = -1.0
+        if not 0.0 < tau <= 1.0:
+            raise DLMError(f"--thresholds takes values in (0, 1] like 0.9,0.7; got {item!r}")
+        cache = "exact" if is_block else "dual"
+        out[f"threshold({item})+{cache}"] = dict(unmask="threshold", threshold=tau, cache=cache)
+    return out
+
+
 def run_diffusion(model, tok, examples, length: int, overrides: dict, block_length: int, batch_size: int):
     from dlm.decode import DecodeConfig, Decoder
 
@@ -156,7 +174,8 @@ def main(args) -> dict:
     tok = load_tokenizer(args.model)
     examples = _prompts(args.n_prompts, args.seed, getattr(args, "split", "test"))
     is_block = model.config.objective in ("bd3lm", "e2d2")
-    extra = _gap_configs(getattr(args, "early_commit_gaps", None), is_block)
+    extra = {**_gap_configs(getattr(args, "early_commit_gaps", None), is_block),
+             **_threshold_configs(getattr(args, "thresholds", None), is_block)}
     table = {**(BLOCK_CONFIGS if is_block else CONFIGS), **extra}
     names = [c.strip() for c in args.configs.split(",")] if args.configs else list(table)
     names += [n for n in extra if n not in names]

@@ -66,6 +66,36 @@ def test_loss_falls_and_model_exports(small_corpus, tmp_path, objective):
     assert checkpoint.latest_tag(str(out / "checkpoints")) == "step-0000060"
 
 
+def test_sft_training_never_noises_or_scores_the_prompt(tmp_path, monkeypatch):
+    """--pack sft: the trainer hands the objective the prompt marks (attention_mask 2), in training
+    and in validation; a mask of only 1s and 2s is not "all ones" (that dropped it before)."""
+    import torch
+    from dlm.objectives import MDLM
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for split, n in (("train", 64), ("validation", 16)):
+        with open(corpus / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"say {i % 7} twice -> {i % 7} {i % 7}", "prompt": f"say {i % 7} twice ->"}) + "\n")
+    seen = []
+    real = MDLM.corrupt
+
+    def spy(self, input_ids, attention_mask, noise):
+        xt, masked, scored, t = real(self, input_ids, attention_mask, noise)
+        seen.append((attention_mask, masked, scored))
+        return xt, masked, scored, t
+
+    monkeypatch.setattr(MDLM, "corrupt", spy)
+    train(cfg_for(str(corpus), tmp_path / "run", pack="sft", max_steps=2, eval_every=2, save_every=2))
+    assert seen
+    for am, masked, scored in seen:
+        assert am is not None and bool((am == 2).any())
+        given = am == 2
+        assert not bool(masked[given].any()) and not bool(scored[given].any())
+        assert bool(scored[am == 1].any()) and torch.equal(scored[:, 1:], (am == 1)[:, 1:])
+
+
 def test_exact_resume_after_stop(small_corpus, tmp_path):
     full = tmp_path / "full"
     train(cfg_for(small_corpus, full, max_steps=12))

@@ -29,6 +29,7 @@ from dlm.training import distributed as D
 from dlm.training.config import TrainConfig, deepspeed_config, parse_noise_window
 
 from dlm.errors import DLMError, MissingSplitError
+from dlm.noise import effective_mask
 
 
 class EMA:
@@ -304,7 +305,7 @@ class Trainer:
                     batch = train_ds[rows[lo : lo + mb].tolist()]
                     ids = batch["input_ids"].to(device)
                     am = batch["attention_mask"].to(device)
-                    am = None if bool(am.all()) else am
+                    am = effective_mask(am)
                     micro_noise = {k: v[lo : lo + mb] for k, v in noise.items()}
                     out = objective.loss(engine, ids, am, micro_noise)
                     engine.backward(out.loss)
@@ -377,7 +378,7 @@ class Trainer:
                 ids = batch["input_ids"].to(self.dist.device)
                 am = batch["attention_mask"].to(self.dist.device)
                 noise = {k: v[k0 : k0 + mb] for k, v in noise_all.items()}
-                out = objective.loss(engine, ids, None if bool(am.all()) else am, noise)
+                out = objective.loss(engine, ids, effective_mask(am), noise)
                 total[0] += out.nll_sum.to(total)
                 total[1] += out.n_tokens.to(total)
         D.all_reduce_sum(total)
