@@ -70,6 +70,7 @@ def test_sft_training_never_noises_or_scores_the_prompt(tmp_path, monkeypatch):
     """--pack sft: the trainer hands the objective the prompt marks (attention_mask 2), in training
     and in validation; a mask of only 1s and 2s is not "all ones" (that dropped it before)."""
     import torch
+
     from dlm.objectives import MDLM
 
     corpus = tmp_path / "c"
