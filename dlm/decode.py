@@ -783,14 +783,19 @@ class Decoder:
         return any(_find(tokens, list(s)) >= 0 for s in config.stop)
 
     def _cut(self, tokens: list[int], config: DecodeConfig) -> tuple[list[int], str]:
-        end, reason = len(tokens), "length"
-        if config.stop_at_eos and self.cfg.eos_token_id in tokens:
-            end, reason = tokens.index(self.cfg.eos_token_id), "stop"
-        for s in config.stop:
-            i = _find(tokens[:end], list(s))
-            if i >= 0:
-                end, reason = i, "stop"
-        return tokens[:end], reason
+        return _cut_output(tokens, config, self.cfg.eos_token_id)
+
+
+def _cut_output(tokens: list[int], config: DecodeConfig, eos_id: int) -> tuple[list[int], str]:
+    """The output: tokens before EOS or the first stop sequence, and why it ended."""
+    end, reason = len(tokens), "length"
+    if config.stop_at_eos and eos_id in tokens:
+        end, reason = tokens.index(eos_id), "stop"
+    for s in config.stop:
+        i = _find(tokens[:end], list(s))
+        if i >= 0:
+            end, reason = i, "stop"
+    return tokens[:end], reason
 
 
 _SCHEDULE = LogLinearSchedule()
@@ -873,3 +878,95 @@ def _find(seq: list[int], sub: list[int]) -> int:
         if seq[i : i + n] == sub:
             return i
     return -1
+
+
+# ------------------------------------------------------------------ the AR baseline
+class ARRequest:
+    """One AR request: BOS + prompt, its generated tokens, its own K/V cache and generator."""
+
+    def __init__(self, rid, prompt, config: DecodeConfig, seed: int, decoder: "ARDecoder"):
+        self.rid, self.config = rid, config
+        self.prompt = [int(t) for t in prompt]
+        self.tokens: list[int] = []
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.chooser = TokenChooser(config, decoder.cfg.mask_token_id)
+        self.cache = None
+        self.nfe, self.t_forward = 0, 0.0
+        self.t0 = time.perf_counter()
+        self.finished, self.cancelled = False, False
+        self.result: Optional[DecodeResult] = None
+
+    def answer(self) -> list[int]:
+        return list(self.tokens)
+
+
+class ARDecoder:
+    """The AR baseline behind the same interface as `Decoder` (`new_request` / `step` / `cancel`),
+    so `dlm serve` and its scheduler serve it too: one token per request per step, greedy or
+    sampled (temperature, top-k, top-p, Gumbel-max in float64 from the request's seed), KV
+    cache, EOS and stop sequences. The diffusion options (blocks, unmask policy, caches, early
+    commit) do not apply; requests step one forward each (vllm serve is the batched AR server)."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.cfg = model.config
+        if self.cfg.objective != "ar":
+            raise DLMError("ARDecoder decodes AR models; use Decoder for diffusion models")
+        self.device = next(model.parameters()).device
+
+    def new_request(self, prompt: Sequence[int], config: DecodeConfig, seed: Optional[int] = None,
+                    constraint=None, rid=None) -> ARRequest:
+        cfg = self.cfg
+        config.validate(None)
+        if constraint is not None:
+            raise DLMError("structured outputs (regex, JSON schema, choice, grammar) need a diffusion model; "
+                           "this server runs the AR baseline")
+        if len(prompt) == 0:
+            raise DLMError("a prompt is empty; give at least one token (BOS is added in front)")
+        if any(not 0 <= int(t) < cfg.vocab_size for t in prompt):
+            raise DLMError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {list(prompt)[:8]}...")
+        if len(prompt) + 1 + config.max_new_tokens > cfg.max_position_embeddings:
+            raise DLMError(f"prompt ({len(prompt)} tokens) + max_new_tokens {config.max_new_tokens} exceed the "
+                           f"model's context of {cfg.max_position_embeddings} positions; shorten the prompt or "
+                           "generate fewer tokens")
+        return ARRequest(rid, prompt, config, config.seed if seed is None else seed, self)
+
+    @torch.no_grad()
+    def step(self, reqs: Sequence[ARRequest]) -> list[ARRequest]:
+        from dlm.model import KVCache
+
+        work = [r for r in reqs if not r.finished]
+        for r in work:
+            t = time.perf_counter()
+            if r.cache is None:  # prefill: BOS + prompt
+                r.cache = KVCache(self.cfg.num_hidden_layers)
+                ids = [self.cfg.bos_token_id, *r.prompt]
+            else:
+                ids = r.tokens[-1:]
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)
+            logits = self.model(x, is_causal=True, cache=r.cache).logits[0, -1:]
+            r.nfe += 1
+            r.t_forward += time.perf_counter() - t
+            tok, _, _ = r.chooser.choose(logits, torch.zeros(1, dtype=torch.long), None, None, [r.gen])
+            r.tokens.append(int(tok[0]))
+            c = r.config
+            done = len(r.tokens) >= c.max_new_tokens or (c.stop_at_eos and r.tokens[-1] == self.cfg.eos_token_id)
+            if done or any(_find(r.tokens, list(s)) >= 0 for s in c.stop):
+                self._finish(r)
+        return work
+
+    def cancel(self, req: ARRequest) -> None:
+        if not req.finished:
+            req.cancelled = True
+            self._finish(req)
+
+    def _finish(self, r: ARRequest) -> None:
+        out, reason = _cut_output(r.tokens, r.config, self.cfg.eos_token_id)
+        if r.cancelled:
+            reason = "cancelled"
+        wall = time.perf_counter() - r.t0
+        r.result = DecodeResult(out, reason, {
+            "nfe": r.nfe, "generated_tokens": len(out), "tokens_per_forward": len(out) / max(1, r.nfe),
+            "wall_s": wall, "forward_s": r.t_forward, "other_s": wall - r.t_forward, "constraint_s": 0.0,
+        })
+        r.finished, r.cache = True, None

@@ -211,7 +211,7 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
     import torch
 
     from dlm.constraints import ConstraintCompiler
-    from dlm.decode import Decoder
+    from dlm.decode import ARDecoder, Decoder
     from dlm.model import load_model
     from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
@@ -222,12 +222,10 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
         tokenizer = load_tokenizer(settings.tokenizer or settings.model_dir, trust_remote_code=settings.trust_remote_code)
     check_tokenizer_for_model(tokenizer, model.config)
     cfg = model.config
-    if cfg.objective == "ar":
-        raise DLMError("dlm serve decodes diffusion models (MDLM, RADD, BD3-LM, E2D2); serve the AR baseline with "
-                       "`dlm export` + vllm serve or HF generate")
     name = settings.served_model_name or settings.model_dir.rstrip("/").split("/")[-1] or "dlm"
     defaults = settings.defaults or DecodeConfig(cache="exact" if cfg.objective in ("bd3lm", "e2d2") else "none")
-    decoder = Decoder(model)
+    # the AR baseline through the same scheduler: one token per request per step, exact logprobs
+    decoder = ARDecoder(model) if cfg.objective == "ar" else Decoder(model)
     compiler = ConstraintCompiler(tokenizer, cfg.vocab_size, cfg.eos_token_id)
     holder: dict[str, Any] = {}
     metrics = Metrics(lambda: holder.get("scheduler"))
