@@ -373,3 +373,27 @@ def test_ar_baseline_is_served_with_exact_logprobs(model_dir, tmp_path):
         assert bad.status_code == 400 and "diffusion" in bad.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_request_timeout_and_no_remote_code(model_dir, monkeypatch):
+    """A request past --request-timeout leaves the batch with a 408 (the server keeps serving);
+    the tokenizer is loaded without remote code unless the setting says so."""
+    import dlm.tokenizer
+
+    seen = []
+    real = dlm.tokenizer.load_tokenizer
+
+    def spy(path, trust_remote_code=False):
+        seen.append(trust_remote_code)
+        return real(path, trust_remote_code=trust_remote_code)
+
+    monkeypatch.setattr(dlm.tokenizer, "load_tokenizer", spy)
+    s = Server(model_dir, request_timeout=1e-6, defaults=DecodeConfig(unmask="confidence"))
+    try:
+        assert seen == [False]
+        u = s.url + "/v1/completions"
+        err = _error(httpx.post(u, json={"prompt": "the", "max_tokens": 40, "ignore_eos": True}), 408)
+        assert err["type"] == "timeout_error" and err["code"] == "timeout"
+        assert httpx.get(s.url + "/health").json()["running"] == 0  # its slot is free
+    finally:
+        s.stop()
