@@ -333,20 +333,14 @@ class Decoder:
         """Validate and set up one request (raises DLMError on bad input, before any decoding)."""
         cfg = self.cfg
         config.validate(cfg.block_size if self.block_model else None)
-        if len(prompt) == 0:
-            raise DLMError("a prompt is empty; give at least one token (BOS is added in front)")
-        if any(not 0 <= int(t) < cfg.vocab_size for t in prompt):
-            raise DLMError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {list(prompt)[:8]}...")
+        _check_prompt(prompt, cfg)
         chooser = self.chooser_factory(config)
         if constraint is not None:
             from dlm.constraints import ConstrainedChooser
 
             chooser = ConstrainedChooser(chooser, constraint, eos_id=cfg.eos_token_id)
         req = DecodeRequest(rid, prompt, config, config.seed if seed is None else seed, chooser, self)
-        if req.total > cfg.max_position_embeddings:
-            raise DLMError(f"prompt ({len(prompt)} tokens) + max_new_tokens {config.max_new_tokens} exceed the "
-                           f"model's context of {cfg.max_position_embeddings} positions; shorten the prompt or "
-                           "generate fewer tokens")
+        _check_length(req.total, prompt, config, cfg)
         chooser.begin(req.P, req.N, req.canvas[None])
         return req
 
@@ -786,6 +780,21 @@ class Decoder:
         return _cut_output(tokens, config, self.cfg.eos_token_id)
 
 
+def _check_prompt(prompt: Sequence[int], cfg) -> None:
+    if len(prompt) == 0:
+        raise DLMError("a prompt is empty; give at least one token (BOS is added in front)")
+    if any(not 0 <= int(t) < cfg.vocab_size for t in prompt):
+        raise DLMError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {list(prompt)[:8]}...")
+
+
+def _check_length(total: int, prompt: Sequence[int], config: DecodeConfig, cfg) -> None:
+    """`total` positions (BOS + prompt + output, block models: to the end of the last block)."""
+    if total > cfg.max_position_embeddings:
+        raise DLMError(f"prompt ({len(prompt)} tokens) + max_new_tokens {config.max_new_tokens} exceed the "
+                       f"model's context of {cfg.max_position_embeddings} positions; shorten the prompt or "
+                       "generate fewer tokens")
+
+
 def _cut_output(tokens: list[int], config: DecodeConfig, eos_id: int) -> tuple[list[int], str]:
     """The output: tokens before EOS or the first stop sequence, and why it ended."""
     end, reason = len(tokens), "length"
@@ -921,14 +930,8 @@ class ARDecoder:
         if constraint is not None:
             raise DLMError("structured outputs (regex, JSON schema, choice, grammar) need a diffusion model; "
                            "this server runs the AR baseline")
-        if len(prompt) == 0:
-            raise DLMError("a prompt is empty; give at least one token (BOS is added in front)")
-        if any(not 0 <= int(t) < cfg.vocab_size for t in prompt):
-            raise DLMError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {list(prompt)[:8]}...")
-        if len(prompt) + 1 + config.max_new_tokens > cfg.max_position_embeddings:
-            raise DLMError(f"prompt ({len(prompt)} tokens) + max_new_tokens {config.max_new_tokens} exceed the "
-                           f"model's context of {cfg.max_position_embeddings} positions; shorten the prompt or "
-                           "generate fewer tokens")
+        _check_prompt(prompt, cfg)
+        _check_length(len(prompt) + 1 + config.max_new_tokens, prompt, config, cfg)
         return ARRequest(rid, prompt, config, config.seed if seed is None else seed, self)
 
     @torch.no_grad()

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from dlm.noise import effective_mask
+
 
 @torch.no_grad()
 def token_logprobs(model, ids: list[int], batch_size: int = 64, objective=None, start: int = 1
@@ -78,7 +80,7 @@ def _chain_logits(model, cfg, objective, x: torch.Tensor, pos: torch.Tensor) -> 
         xt = torch.where(am.bool(), xt, cfg.pad_token_id)
         out = torch.zeros(n, L, dtype=torch.bool, device=x.device)
         out[torch.arange(n), pos] = True
-        return objective.masked_logits(model, x0, xt, None if bool(am.all()) else am, out)
+        return objective.masked_logits(model, x0, xt, effective_mask(am), out)
     xt = torch.where(cols >= pos[:, None], cfg.mask_token_id, x[None, :].expand(n, -1))
     out = torch.zeros(n, T, dtype=torch.bool, device=x.device)
     out[torch.arange(n), pos] = True
