@@ -31,8 +31,8 @@ chooser of later issues can drive or replace them):
   generator per request, so a request's output depends only on its own seed.
 * Chooser hook: `TokenChooser.choose(logits, ...)` turns logits at masked positions into
   (token, confidence); a grammar-constrained chooser replaces the default one.
-* Stopping: max_new_tokens; EOS (a row stops once a finished block contains EOS, and
-  nothing after EOS is output); stop token sequences.
+* Stopping: max_new_tokens; EOS (a row stops as soon as its decided prefix holds EOS, even
+  mid-block, and nothing after EOS is output); stop token sequences.
 * Statistics per request: network calls (NFE), tokens per forward, wall time per phase.
 
 * Cache (`cache`): "none" recomputes the whole canvas at every step (the vanilla decoder every
@@ -386,12 +386,14 @@ class Decoder:
                 self._finish(r)
                 return False
             lo, hi = r.block
-            if bool((r.canvas[lo:hi] == mask_id).any()) and r.s_in_block < r.block_steps * 4 + (hi - lo):
-                return True
-            # The block is done: a request whose finished part holds EOS (or a stop sequence) stops.
+            # A request whose decided prefix already fixes the output (EOS or a stop sequence in
+            # it, with nothing undecided that could move the cut) stops, even mid-block: what
+            # follows is cut from the output anyway.
             if self._stopped(r.canvas[r.P : hi].tolist(), r.config):
                 self._finish(r)
                 return False
+            if bool((r.canvas[lo:hi] == mask_id).any()) and r.s_in_block < r.block_steps * 4 + (hi - lo):
+                return True
             r.bi += 1
             r.s_in_block = 0
             r.changed, r.prev_logits = True, None
@@ -769,12 +771,17 @@ class Decoder:
         return select_fixed(scores.cpu(), k).to(conf.device)
 
     def _stopped(self, tokens: list[int], config: DecodeConfig) -> bool:
+        """Is the output already decided by the prefix of `tokens` before the first MASK? It is
+        when that prefix holds EOS or a stop sequence and every stop sequence that could start
+        before the cut lies inside the prefix (so no undecided token can move the cut)."""
         mask_id = self.cfg.mask_token_id
-        if mask_id in tokens:  # only a fully decoded prefix can stop the request
+        if mask_id in tokens:  # only a decided prefix can stop the request
             tokens = tokens[: tokens.index(mask_id)]
-        if config.stop_at_eos and self.cfg.eos_token_id in tokens:
-            return True
-        return any(_find(tokens, list(s)) >= 0 for s in config.stop)
+        out, reason = self._cut(tokens, config)
+        if reason != "stop":
+            return False
+        longest = max((len(s) for s in config.stop), default=1)
+        return len(out) + longest - 1 <= len(tokens)
 
     def _cut(self, tokens: list[int], config: DecodeConfig) -> tuple[list[int], str]:
         return _cut_output(tokens, config, self.cfg.eos_token_id)
@@ -800,9 +807,10 @@ def _cut_output(tokens: list[int], config: DecodeConfig, eos_id: int) -> tuple[l
     end, reason = len(tokens), "length"
     if config.stop_at_eos and eos_id in tokens:
         end, reason = tokens.index(eos_id), "stop"
-    for s in config.stop:
-        i = _find(tokens[:end], list(s))
-        if i >= 0:
+    text = tokens[:end]
+    for s in config.stop:  # the earliest occurrence of any of them, whatever their order
+        i = _find(text, list(s))
+        if 0 <= i < end:
             end, reason = i, "stop"
     return tokens[:end], reason
 

@@ -193,7 +193,8 @@ def test_first_hitting_calls_the_network_at_the_sampled_hitting_times():
     draws = []
     for seed in range(60):
         model.sigmas = []
-        run(model, [3], DecodeConfig(max_new_tokens=8, unmask="first_hitting", temperature=1.0, seed=seed))
+        run(model, [3], DecodeConfig(max_new_tokens=8, unmask="first_hitting", temperature=1.0, seed=seed,
+                                     stop_at_eos=False))  # one call per token: no early stop
         times = [float((1 - torch.exp(-s)) / (1 - eps)) for s in model.sigmas]
         assert len(times) == 8 and all(b < a for a, b in zip(times, times[1:]) if b > 1.01e-3)
         prev = 1.0
@@ -421,14 +422,15 @@ def test_cache_kinds_are_checked():
 
 def test_finished_rows_leave_the_batch():
     """Row A meets EOS at absolute position 4 (its third answer token); row B, whose answer starts
-    at position 6, never does. After block 0 only B is decoded, and both outputs equal solo runs."""
+    at position 6, never does. A leaves as soon as its decided prefix holds EOS (mid-block: its
+    fourth slot would be cut anyway); then only B is decoded, and both outputs equal solo runs."""
     win = [5] * 32
     win[4] = EOS
     model = KnownModel(peaked_table(32, win, [0.9]))
     dec = Decoder(model)
     cfg = DecodeConfig(max_new_tokens=8, block_length=4)
     both = dec.generate([[3], [3, 3, 3, 3, 3]], cfg)
-    assert model.batch_sizes[:4] == [2, 2, 2, 2] and model.batch_sizes[4:] == [1, 1, 1, 1]
+    assert model.batch_sizes == [2, 2, 2] + [1] * 5
     assert both[0].tokens == [5, 5] and both[0].finish_reason == "stop"
     assert both[1].tokens == [5] * 8 and both[1].finish_reason == "length"
     for p, r in zip([[3], [3, 3, 3, 3, 3]], both):
@@ -524,3 +526,36 @@ def test_batched_greedy_threshold_commit_equals_per_request(objective, block, ca
     assert any(len(set(t)) > 1 for t in batched)  # not a degenerate run
     monkeypatch.setattr(Decoder, "_greedy_threshold", staticmethod(lambda r: False))
     assert run() == batched
+
+
+def test_stop_sequences_cut_at_the_earliest_occurrence_whatever_their_order():
+    from dlm.decode import _cut_output
+
+    toks = [4, 7, 8, 9, 5]
+    for stop in ([[7, 8, 9], [8]], [[8], [7, 8, 9]]):
+        assert _cut_output(toks, DecodeConfig(stop=stop), EOS) == ([4], "stop")
+    assert _cut_output([4, 7, EOS, 8], DecodeConfig(stop=[[EOS, 8]]), EOS) == ([4, 7], "stop")
+    assert _cut_output([4, 7], DecodeConfig(stop=[[7, 8]]), EOS) == ([4, 7], "length")
+
+
+def test_a_request_stops_once_its_decided_prefix_fixes_the_output():
+    """EOS in the decided prefix stops it mid-block; a stop sequence only when no longer one could
+    still start before it and finish among the undecided slots."""
+    dec = Decoder(KnownModel(peaked_table(32, [5] * 32, [0.9])))
+    stopped = dec._stopped
+    assert stopped([4, EOS, MASK, MASK], DecodeConfig())
+    assert not stopped([4, MASK, EOS], DecodeConfig())  # the MASK could still be anything
+    assert not stopped([4, EOS, MASK], DecodeConfig(stop_at_eos=False))
+    stop = [[8], [7, 8, 9]]
+    assert not stopped([4, 7, 8, MASK, MASK], DecodeConfig(stop=stop))  # 7 8 9 may still come
+    assert stopped([4, 7, 8, 5, MASK], DecodeConfig(stop=stop))
+    assert stopped([4, 8, 5, 5, MASK], DecodeConfig(stop=stop))
+    # and decoding with stop sequences gives what the full canvas, cut afterwards, gives
+    win = [5] * 32
+    win[4:7] = [7, 8, 9]
+    model = KnownModel(peaked_table(32, win, [0.9]))
+    cfg = DecodeConfig(max_new_tokens=8, block_length=8, stop=stop)
+    out = Decoder(model).generate([[3]], cfg)[0]
+    full = Decoder(model).generate([[3]], dataclasses.replace(cfg, stop=(), stop_at_eos=False))[0]
+    assert out.tokens == full.tokens[:2] == [5, 5] and out.finish_reason == "stop"
+    assert out.stats["nfe"] < full.stats["nfe"]
