@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -217,6 +217,18 @@ def token_bytes(tokenizer, vocab_size: int) -> list[Optional[bytes]]:
 
 
 # ------------------------------------------------------------------ regular: the token DFA
+PREPARED_RUN = 32  # reachability over runs of open slots up to this length is built at compile time
+
+
+class _TokenClasses(NamedTuple):
+    table: np.ndarray  # (S, C) next state per class
+    live: np.ndarray  # (S, C) not DEAD
+    cls_of: np.ndarray  # (V,) each token's class
+    order: np.ndarray  # (V,) tokens grouped by class, ascending ids inside a class
+    sorted_cls: np.ndarray  # (V,) cls_of[order]
+    starts: np.ndarray  # (C,) where each class begins in `order`
+
+
 class TokenDFA:
     """A dense token-level DFA with two extra states: DEAD (no valid continuation) and DONE
     (after EOS: every token is allowed, it is cut from the output).
@@ -257,6 +269,12 @@ class TokenDFA:
         pairs = torch.unique(s_idx * S + table[s_idx, t_idx])
         self.edge_src, self.edge_dst = pairs // S, pairs % S
         self.dist = self._distances()
+        self._memo_d: dict = {}
+        self._memo_cap = max(256, 4_000_000 // S)
+        # what every decoding step uses, built now (compile time) rather than on a first request
+        self._np()
+        self._classes()
+        self._pow(PREPARED_RUN)
 
     def _distances(self) -> torch.Tensor:
         S = self.num_states
@@ -290,6 +308,37 @@ class TokenDFA:
             self._np_cache = (t, live, succ, self.dist.numpy())
         return self._np_cache
 
+    def _classes(self) -> "_TokenClasses":
+        """Token classes: tokens whose table columns are equal (the same next state from every
+        state) are interchangeable for the automaton, and real constraints have few classes (a
+        JSON schema over a 2,048-token vocabulary: 4 to 81), so per-step work is over states x
+        classes and expands to the vocabulary at the end."""
+        if getattr(self, "_cls_cache", None) is None:
+            t = self._np()[0]
+            cols = np.ascontiguousarray(t.T).view(np.dtype((np.void, t.shape[0] * t.itemsize)))[:, 0]
+            _, first, cls_of = np.unique(cols, return_index=True, return_inverse=True)
+            ctable, cls_of = t[:, first], cls_of.reshape(-1)
+            order = np.argsort(cls_of, kind="stable")
+            sorted_cls = cls_of[order]
+            self._cls_cache = _TokenClasses(np.ascontiguousarray(ctable), ctable != self.dead, cls_of, order,
+                                            sorted_cls, np.searchsorted(sorted_cls, np.arange(ctable.shape[1])))
+        return self._cls_cache
+
+    def _class_best(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each class's best token under scores v (the lowest id among ties) and its score, as
+        (token ids ascending, scores), classes where every token is forbidden left out: the DP's
+        candidates, exact for the whole vocabulary."""
+        k = self._classes()
+        vs = v[k.order]
+        best = np.maximum.reduceat(vs, k.starts)
+        hit = np.flatnonzero(vs == best[k.sorted_cls])  # positions achieving their class's max
+        _, first = np.unique(k.sorted_cls[hit], return_index=True)
+        toks = k.order[hit[first]]  # ids ascend inside a class: the first hit is the lowest
+        keep = np.isfinite(best)
+        toks, best = toks[keep], best[keep]
+        srt = np.argsort(toks)
+        return toks[srt], best[srt]
+
     def _pow(self, m: int) -> Optional[np.ndarray]:
         """(S, S) bool: some m tokens lead from s to s' (m >= 1), memoised; None for large automata,
         where the per-slot steps are cheaper than the S^3 products."""
@@ -300,7 +349,10 @@ class TokenDFA:
             succ = self._np()[2]
             pows = self._pows = [None, succ]
         while len(pows) <= m:
-            pows.append((pows[-1].astype(np.float32) @ pows[1].astype(np.float32)) > 0)
+            # torch, not numpy's BLAS: its worker threads keep spinning after a product and slow
+            # the model's next forward passes (measured: 40% slower right after a compile)
+            step = torch.from_numpy(pows[1]).float()
+            pows.append((torch.from_numpy(pows[-1]).float() @ step > 0).numpy())
         return pows[m]
 
     def _runs(self, slots: Sequence[int], mask_id: int, keep: frozenset = frozenset()) -> list[tuple[int, int]]:
@@ -325,121 +377,162 @@ class TokenDFA:
             state = int(t[state, tok])
         return state
 
-    def _fw(self, f: np.ndarray, tok: int, mask_id: int, m: int = 1) -> np.ndarray:
-        """States after one slot (a token, or m open slots) from the set f."""
-        if tok == mask_id:
-            n = (self._pow(m) if m > 1 else self._np()[2])[f].any(0)
-        else:
-            n = np.zeros_like(f)
-            n[self._np()[0][f, tok]] = True
-        n[self.dead] = False
+    # State sets travel as the bytes of (S,) bool arrays, and every step on them is memoised per
+    # automaton: decoding steps of a request (and requests with the same constraint) revisit the
+    # same sets, and a dict lookup on bytes (their hash is cached) costs a fraction of a numpy call.
+    def _memo(self) -> dict:
+        memo = self._memo_d
+        if len(memo) >= self._memo_cap:
+            memo.clear()  # bounded memory; entries are only ever recomputed
+        return memo
+
+    @staticmethod
+    def _set(b: bytes) -> np.ndarray:
+        return np.frombuffer(b, dtype=bool)
+
+    def _fwb(self, fb: bytes, tok: int, mask_id: int, m: int = 1) -> bytes:
+        """States after one slot (a token, or m open slots) from the set fb."""
+        memo = self._memo()
+        key = (0, fb, -m if tok == mask_id else tok)
+        n = memo.get(key)
+        if n is None:
+            f = self._set(fb)
+            if tok == mask_id:
+                a = (self._pow(m) if m > 1 else self._np()[2])[f].any(0)
+            else:
+                a = np.zeros_like(f)
+                a[self._np()[0][f, tok]] = True
+            a[self.dead] = False
+            n = memo[key] = a.tobytes()
         return n
 
-    def _bw(self, g: np.ndarray, tok: int, mask_id: int, m: int = 1) -> np.ndarray:
-        """States from which one slot (a token, or m open slots) leads into the set g."""
-        if tok == mask_id:
-            n = (self._pow(m) if m > 1 else self._np()[2])[:, g].any(1)
-        else:
-            n = g[self._np()[0][:, tok]]
-        n[self.dead] = False
+    def _bwb(self, gb: bytes, tok: int, mask_id: int, m: int = 1) -> bytes:
+        """States from which one slot (a token, or m open slots) leads into the set gb."""
+        memo = self._memo()
+        key = (1, gb, -m if tok == mask_id else tok)
+        n = memo.get(key)
+        if n is None:
+            g = self._set(gb)
+            if tok == mask_id:
+                a = (self._pow(m) if m > 1 else self._np()[2])[:, g].any(1)
+            else:
+                a = g[self._np()[0][:, tok]]
+            a[self.dead] = False
+            n = memo[key] = a.tobytes()
         return n
+
+    def _rowb(self, fb: bytes, gb: bytes) -> np.ndarray:
+        """(C,) the token classes that lead some state of fb into gb."""
+        memo = self._memo()
+        key = (2, fb, gb)
+        n = memo.get(key)
+        if n is None:
+            k = self._classes()
+            n = memo[key] = self._set(gb)[k.table[self._set(fb)]].any(0)
+        return n
+
+    def _reach_b(self, state: int, slots: Sequence[int], mask_id: int) -> list[bytes]:
+        f = np.zeros(self.num_states, dtype=bool)
+        f[state] = True
+        sets = [f.tobytes()]
+        for tok in slots:
+            sets.append(self._fwb(sets[-1], tok, mask_id))
+        return sets
+
+    def _coreach_b(self, slots: Sequence[int], mask_id: int, left_after: int) -> list[bytes]:
+        sets = [(self._np()[3] <= left_after).tobytes()]
+        for tok in reversed(slots):
+            sets.append(self._bwb(sets[-1], tok, mask_id))
+        return sets[::-1]
 
     def reachable(self, state: int, slots: Sequence[int], mask_id: int) -> list[np.ndarray]:
         """Forward state sets: sets[i] = states possible before slot i (len(slots) + 1 sets)."""
-        f = np.zeros(self.num_states, dtype=bool)
-        f[state] = True
-        sets = [f]
-        for tok in slots:
-            sets.append(self._fw(sets[-1], tok, mask_id))
-        return sets
+        return [self._set(b) for b in self._reach_b(state, slots, mask_id)]
 
     def coreachable(self, slots: Sequence[int], mask_id: int, left_after: int) -> list[np.ndarray]:
         """Backward sets: sets[i] = states before slot i from which slots i.. and `left_after`
         more free positions can end accepted."""
-        sets = [self._np()[3] <= left_after]
-        for tok in reversed(slots):
-            sets.append(self._bw(sets[-1], tok, mask_id))
-        return sets[::-1]
-
-    def _coreachable_first(self, slots: Sequence[int], mask_id: int, left_after: int) -> np.ndarray:
-        """coreachable(...)[0] alone, mask runs in one step each."""
-        g = self._np()[3] <= left_after
-        for i, m in reversed(self._runs(slots, mask_id)):
-            g = self._bw(g, slots[i], mask_id, m)
-        return g
+        return [self._set(b) for b in self._coreach_b(slots, mask_id, left_after)]
 
     def allowed(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
                 query: Sequence[int]) -> torch.Tensor:
         """(len(query), V) bool: tokens that slot query[j] (masked) can take in some valid
         completion of the whole canvas (each slot on its own)."""
-        t = self._np()[0]
-        fw = self.reachable(state, slots, mask_id)
-        bw = self.coreachable(slots, mask_id, left_after)
-        rows = [bw[i + 1][t[fw[i]]].any(0) for i in query]
-        return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, self.vocab_size, dtype=torch.bool)
+        rows = self.allowed_classes(state, slots, mask_id, left_after, query)
+        return torch.from_numpy(np.take(rows, self._classes().cls_of, axis=1))
 
-    def allowed_fast(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
-                     query: Sequence[int]) -> torch.Tensor:
-        """Like `allowed`, exact for the first queried slot and, for the others, the tokens some
-        forward-reachable state accepts (completability is left to the DP, which enforces it).
-        Used to rank positions."""
+    def allowed_classes(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
+                        query: Sequence[int], sets=None) -> np.ndarray:
+        """`allowed` over token classes: (len(query), C) bool. `sets`: state_sets(...), if known."""
         if not query:
-            return torch.zeros(0, self.vocab_size, dtype=torch.bool)
-        t, live, _, _ = self._np()
-        fw = self.reachable(state, slots[: max(query) + 1], mask_id)
-        i = query[0]
-        after = self._coreachable_first(slots[i + 1 :], mask_id, left_after)
-        rows = [after[t[fw[i]]].any(0)] + [live[fw[j]].any(0) for j in query[1:]]
-        return torch.from_numpy(np.stack(rows))
+            return np.zeros((0, self._classes().table.shape[1]), dtype=bool)
+        fw, bw = sets if sets is not None else self.state_sets(state, slots, mask_id, left_after)
+        return np.stack([self._rowb(fw[i], bw[i + 1]) for i in query])
 
     def best_assignment(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
-                        scores: dict[int, torch.Tensor], top_k: int = 32) -> Optional[dict[int, int]]:
+                        scores: dict[int, torch.Tensor], sets=None) -> Optional[dict[int, int]]:
         """DINGO's dynamic program. `slots` are the canvas tokens from `state` on (MASK: unknown);
         slots whose index is in `scores` are committed now and take the tokens maximising the sum
         of their scores (V-vectors, -inf = forbidden); other masked slots stay masked (any one
         token); `left_after` free positions follow. Returns {slot: token}, or None if impossible.
+        `sets`: state_sets(state, slots, mask_id, left_after) when the caller already has them.
 
         Exact. First, each committed slot's own best token: when those are jointly completable
-        their sum bounds every assignment, so they are the answer. Then the DP over each
-        committed slot's `top_k` tokens only: that answer is
-        kept when it scores at least the best any assignment using some other token could
-        (that slot's (k+1)-th score plus the others' maxima); otherwise the full vocabulary."""
+        their sum bounds every assignment, so they are the answer. Else the DP, over token
+        classes: tokens with equal table columns lead to the same states, so only each class's
+        best token can be in an optimal assignment (ties: the lowest id, as over the vocabulary).
+        Both run over the committed slots' span only: the slots before it give a set of start
+        states (the score does not depend on them), the slots after it a set of states from which
+        the rest can be completed."""
+        if not scores:
+            return {} if self._feasible(state, slots, mask_id, left_after) else None
         sc = {i: s.double().numpy() for i, s in scores.items()}
-        V = self.vocab_size
-        if sc:  # each slot's own best token, if jointly valid, is optimal: its sum bounds every other
-            greedy = {i: int(v.argmax()) for i, v in sc.items()}
-            if all(np.isfinite(sc[i][t]) for i, t in greedy.items()) and self._feasible(
-                    state, [greedy.get(i, t) for i, t in enumerate(slots)], mask_id, left_after):
+        lo, hi = min(sc), max(sc) + 1
+        if sets is not None:
+            start, end_ok = sets[0][lo], sets[1][hi]
+        else:
+            start = self._forward_b(self._reach_b(state, [], mask_id)[0], slots[:lo], mask_id)
+            end_ok = self._backward_b(slots[hi:], mask_id, left_after)
+        # each slot's own best token, if jointly valid, is optimal: its sum bounds every other
+        greedy = {i: int(v.argmax()) for i, v in sc.items()}
+        if all(np.isfinite(sc[i][t]) for i, t in greedy.items()):
+            f = self._forward_b(start, [greedy.get(i, slots[i]) for i in range(lo, hi)], mask_id)
+            if bool((self._set(f) & self._set(end_ok)).any()):
                 return greedy
-        if top_k and top_k < V and sc:
-            cand, bound, best_sum = {}, -np.inf, sum(float(v.max()) for v in sc.values())
-            for i, v in sc.items():
-                idx = np.argpartition(-v, top_k)[: top_k + 1]
-                idx = idx[np.argsort(-v[idx], kind="stable")]
-                cand[i] = idx[:top_k]
-                bound = max(bound, best_sum - float(v.max()) + float(v[idx[top_k]]))
-            got = self._viterbi(state, slots, mask_id, left_after, {i: (cand[i], sc[i][cand[i]]) for i in sc})
-            if got is not None and got[1] >= bound:
-                return got[0]
-        got = self._viterbi(state, slots, mask_id, left_after, {i: (np.arange(V), v) for i, v in sc.items()})
-        return None if got is None else got[0]
+        got = self._viterbi(self._set(start), slots[lo:hi], mask_id, self._set(end_ok),
+                            {i - lo: self._class_best(v) for i, v in sc.items()})
+        return None if got is None else {i + lo: t for i, t in got[0].items()}
+
+    def state_sets(self, state: int, slots: Sequence[int], mask_id: int, left_after: int):
+        """The forward and backward state sets of a canvas (reachable / coreachable, in an
+        internal form), for allowed_classes and best_assignment on that same canvas."""
+        return self._reach_b(state, slots, mask_id), self._coreach_b(slots, mask_id, left_after)
+
+    def _forward_b(self, fb: bytes, slots: Sequence[int], mask_id: int) -> bytes:
+        """States after slots (MASK = any one token) from the set fb, mask runs in one step each."""
+        for i, m in self._runs(slots, mask_id):
+            fb = self._fwb(fb, slots[i], mask_id, m)
+        return fb
+
+    def _backward_b(self, slots: Sequence[int], mask_id: int, left_after: int) -> bytes:
+        """States from which slots and then `left_after` free positions can end accepted."""
+        gb = (self._np()[3] <= left_after).tobytes()
+        for i, m in reversed(self._runs(slots, mask_id)):
+            gb = self._bwb(gb, slots[i], mask_id, m)
+        return gb
 
     def _feasible(self, state: int, slots: Sequence[int], mask_id: int, left_after: int) -> bool:
         """Can slots (MASK = any one token) be completed validly from `state`?"""
-        f = np.zeros(self.num_states, dtype=bool)
-        f[state] = True
-        for i, m in self._runs(slots, mask_id):
-            f = self._fw(f, slots[i], mask_id, m)
-            if not f.any():
-                return False
+        f = self._set(self._forward_b(self._reach_b(state, [], mask_id)[0], slots, mask_id))
         return bool((f & (self._np()[3] <= left_after)).any())
 
-    def _viterbi(self, state, slots, mask_id, left_after, cands) -> Optional[tuple[dict[int, int], float]]:
-        """The DP itself; cands: committed slot -> (token ids, their scores). Returns (choice, score)."""
+    def _viterbi(self, start: np.ndarray, slots, mask_id, end_ok: np.ndarray,
+                 cands) -> Optional[tuple[dict[int, int], float]]:
+        """The DP itself, from the states `start` through slots into the states `end_ok`; cands:
+        committed slot -> (token ids, their scores). Returns (choice, score)."""
         t, live, succ, dist = self._np()
         S, ninf = self.num_states, -np.inf
-        w = np.full(S, ninf)
-        w[state] = 0.0
+        w = np.where(start, 0.0, ninf)
         before: list[np.ndarray] = []
         back: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slot -> (best src, best token) per dst
         runs = self._runs(slots, mask_id, frozenset(cands))
@@ -453,21 +546,17 @@ class TokenDFA:
                     nw = np.where(self._pow(m)[on], w[on, None], ninf).max(0)
             elif i in cands:
                 toks, vals = cands[i]
-                dst = t[np.ix_(on, toks)]  # (k, K)
-                cand = w[on, None] + vals[None, :]
-                cand[dst == self.dead] = ninf
-                flat_dst, flat = torch.from_numpy(dst.reshape(-1).astype(np.int64)), torch.from_numpy(cand.reshape(-1))
-                best = torch.full((S,), ninf, dtype=torch.float64).scatter_reduce(0, flat_dst, flat, "amax")
-                win = torch.isfinite(flat) & (flat == best[flat_dst])  # ties: the lowest flat index
-                idx = torch.arange(flat.numel())
-                arg = torch.full((S,), flat.numel(), dtype=torch.int64).scatter_reduce(0, flat_dst[win], idx[win], "amin")
-                nw = best.numpy()
-                reached = (arg < flat.numel()).numpy()
-                a_np = arg.numpy()[reached]
-                src = np.full(S, -1)
-                tk = np.full(S, -1)
-                src[reached] = on[a_np // len(toks)]
-                tk[reached] = toks[a_np % len(toks)]
+                src, tk = np.full(S, -1), np.full(S, -1)
+                dst = t[np.ix_(on, toks)].ravel()  # (k, K) flattened: from on[a // K] by toks[a % K]
+                cand = (w[on, None] + vals[None, :]).ravel()
+                ok = np.flatnonzero((dst != self.dead) & np.isfinite(cand))
+                if ok.size:
+                    # per destination the best score; ties: the lowest flat index
+                    o = ok[np.lexsort((ok, -cand[ok], dst[ok]))]
+                    first = o[np.r_[True, dst[o][1:] != dst[o][:-1]]]
+                    nw[dst[first]] = cand[first]
+                    src[dst[first]] = on[first // len(toks)]
+                    tk[dst[first]] = toks[first % len(toks)]
                 back[i] = (src, tk)
             elif tok == mask_id:
                 if on.size:
@@ -476,7 +565,7 @@ class TokenDFA:
                 np.maximum.at(nw, t[on, tok], w[on])
             nw[self.dead] = ninf
             w = nw
-        final = np.where(dist <= left_after, w, ninf)
+        final = np.where(end_ok, w, ninf)
         if not np.isfinite(final).any():
             return None
         q = int(final.argmax())
@@ -750,9 +839,9 @@ class ConstrainedChooser:
     """Wraps one request's token chooser and keeps its canvas completable in the language.
 
     choose(): masks every slot's logits to the tokens it can take in a valid completion of the
-    whole canvas (regular: exact for the first open slot, forward-reachable for the others;
-    grammars: exact at the first open slot), so the unmask policy ranks positions by constrained
-    confidences. assign(): regular constraints take DINGO's best joint assignment for the
+    whole canvas (regular: exact for every open slot; grammars: exact at the first open slot), so
+    the unmask policy ranks positions by constrained confidences (a slot only one token can fill
+    has confidence 1). assign(): regular constraints take DINGO's best joint assignment for the
     committed slots; grammars commit the certified tokens (or the witness's own one). fill():
     early commit, the same way over every open slot, or None (then early commit does not fire).
     The decoder gives every request its own chooser, so the rows passed in are all that request's."""
@@ -766,6 +855,7 @@ class ConstrainedChooser:
         self.witness: Optional[list[int]] = None
         self.elapsed = 0.0
         self._last = None
+        self._sets = None
         self._prefix = (0, constraint.dfa.initial if constraint.dfa is not None else 0)
 
     # ---------------------------------------------------------- hooks
@@ -779,12 +869,14 @@ class ConstrainedChooser:
 
     def choose(self, logits, rows, positions, canvas, generators):
         t0 = time.perf_counter()
-        logits = logits.double().clone()
-        rel = positions - self.P
-        idx = (rel < self.N).nonzero(as_tuple=True)[0]  # block models run past the answer: free there
-        if idx.numel():
-            allowed = self._allowed(self._answer(canvas), rel[idx].tolist(), logits.shape[-1])
-            logits[idx] = logits[idx].masked_fill(~allowed.to(logits.device), float("-inf"))
+        rel = [p - self.P for p in positions.tolist()]
+        inside = [j for j, p in enumerate(rel) if p < self.N]  # block models run past the answer: free there
+        if len(inside) == len(rel):  # (the base chooser's scores work on a float64 copy)
+            logits = logits.masked_fill(self._forbidden(self._answer(canvas), rel).to(logits.device), float("-inf"))
+        elif inside:
+            logits = logits.clone()
+            forbidden = self._forbidden(self._answer(canvas), [rel[j] for j in inside])
+            logits[inside] = logits[inside].masked_fill(forbidden.to(logits.device), float("-inf"))
         scores, probs = self.base.scores(logits, rows, generators)
         tokens = scores.argmax(-1)
         conf = probs.gather(-1, tokens[:, None])[:, 0]
@@ -795,27 +887,28 @@ class ConstrainedChooser:
     def assign(self, rows, positions, commit, tokens, canvas):
         t0 = time.perf_counter()
         scores, c = self._last, self.c
-        rel = positions - self.P
+        rel = [p - self.P for p in positions.tolist()]
+        sel = [j for j, (on, p) in enumerate(zip(commit.tolist(), rel)) if on and p < self.N]
         commit, tokens = commit.clone(), tokens.clone()
-        sel = (commit.cpu() & (rel < self.N)).nonzero(as_tuple=True)[0].tolist()
         if sel:
             slots = self._answer(canvas)
             if c.dfa is not None:
-                choice = self._dp(c.dfa, slots, {int(rel[j]): scores[j].cpu() for j in sel})
+                rows = scores[sel].cpu()
+                choice = self._dp(c.dfa, slots, {rel[j]: rows[k] for k, j in enumerate(sel)}, exact=True)
                 if choice is None:  # cannot happen while every commit goes through here
                     raise DLMError(f"internal error: the canvas left the language of {c.constraint.describe()}")
-                for j in sel:
-                    tokens[j] = choice[int(rel[j])]
+                tokens[sel] = torch.tensor([choice[rel[j]] for j in sel], dtype=tokens.dtype, device=tokens.device)
             else:
-                entries = (rel < self.N).nonzero(as_tuple=True)[0].tolist()
-                prefs = {int(rel[j]): scores[j].cpu() for j in entries}
-                keep = self._certify(slots, prefs, [(int(rel[j]), int(tokens[j]), j) for j in sel])
+                entries = [j for j, p in enumerate(rel) if p < self.N]
+                rows = scores[entries].cpu()
+                prefs = {rel[j]: rows[k] for k, j in enumerate(entries)}
+                keep = self._certify(slots, prefs, [(rel[j], int(tokens[j]), j) for j in sel])
                 fill_all = len(sel) == len(entries)  # e.g. early commit: fill every open slot
                 for j in sel:
                     if j in keep:
                         tokens[j] = keep[j]
                     elif fill_all:  # the witness completes what could not be certified
-                        tokens[j] = self.witness[int(rel[j])]
+                        tokens[j] = self.witness[rel[j]]
                     else:
                         commit[j] = False
         self.elapsed += time.perf_counter() - t0
@@ -863,14 +956,18 @@ class ConstrainedChooser:
         end = max([first] + [i + 1 for i in fixed] + [i + 1 for i in extra])
         return first, end
 
-    def _allowed(self, slots: list[int], query: list[int], vocab_size: int) -> torch.Tensor:
+    def _forbidden(self, slots: list[int], query: list[int]) -> torch.Tensor:
+        """(len(query), V) bool: the tokens each queried slot cannot take (see choose())."""
         c = self.c
         if c.dfa is not None:
             f, e = self._span(slots, query)
             state = self._walk(c.dfa, slots, f)
-            return c.dfa.allowed_fast(state, slots[f:e], self.mask_id, self.N - e, [q - f for q in query])
+            sets = c.dfa.state_sets(state, slots[f:e], self.mask_id, self.N - e)
+            self._sets = (slots, f, e, state, sets)  # assign() on the same canvas reuses them
+            rows = c.dfa.allowed_classes(state, slots[f:e], self.mask_id, self.N - e, [q - f for q in query], sets)
+            return torch.from_numpy(np.take(~rows, c.dfa._classes().cls_of, axis=1))
         # grammar: exact at the first open slot (after a fixed prefix), open elsewhere
-        out = torch.ones(len(query), vocab_size, dtype=torch.bool)
+        out = torch.zeros(len(query), c.engine.vocab_size, dtype=torch.bool)
         f, _ = self._span(slots, [])
         if f in query and self.eos_id not in slots[:f]:
             m = c.engine.matcher()
@@ -879,7 +976,7 @@ class ConstrainedChooser:
                 if m.is_accepting():
                     a[self.eos_id] = True
                 if bool(a.any()):
-                    out[query.index(f)] = a
+                    out[query.index(f)] = ~a
         return out
 
     def _walk(self, dfa: TokenDFA, slots: list[int], f: int) -> int:
@@ -892,11 +989,24 @@ class ConstrainedChooser:
         self._prefix = (f, q)
         return q
 
-    def _dp(self, dfa: TokenDFA, slots: list[int], scores: dict[int, torch.Tensor]) -> Optional[dict[int, int]]:
-        f, e = self._span(slots, list(scores))
-        state = self._walk(dfa, slots, f)
+    def _dp(self, dfa: TokenDFA, slots: list[int], scores: dict[int, torch.Tensor],
+            exact: bool = False) -> Optional[dict[int, int]]:
+        """The committed slots' best joint valid assignment. `exact`: the scores are -inf outside
+        each slot's exact allowed set on this canvas (choose() made them so), so a single slot's
+        best finite token is valid without a search."""
+        if exact and len(scores) == 1:
+            (p, v), = scores.items()
+            best = int(v.argmax())
+            return {p: best} if bool(torch.isfinite(v[best])) else None
+        sets = None
+        if self._sets is not None and self._sets[0] == slots and all(
+                self._sets[1] <= p < self._sets[2] for p in scores):  # choose()'s canvas: its sets
+            _, f, e, state, sets = self._sets
+        else:
+            f, e = self._span(slots, list(scores))
+            state = self._walk(dfa, slots, f)
         choice = dfa.best_assignment(state, slots[f:e], self.mask_id, self.N - e,
-                                     {p - f: s for p, s in scores.items()})
+                                     {p - f: s for p, s in scores.items()}, sets)
         return None if choice is None else {p + f: t for p, t in choice.items()}
 
     def _certify(self, slots: list[int], prefs: dict[int, torch.Tensor],

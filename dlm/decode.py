@@ -158,7 +158,7 @@ class TokenChooser:
         """(scores, probs), both (n, V) float64: the chosen token is scores.argmax (greedy: the
         filtered logits; sampling: plus Gumbel noise from each request's own generator)."""
         c = self.config
-        logits = logits.double().clone()
+        logits = logits.double() if logits.dtype != torch.float64 else logits.clone()  # a copy either way
         logits[:, self.mask_id] = float("-inf")
         logits = filter_logits(logits, c.temperature, c.top_k, c.top_p)
         probs = logits.softmax(-1)

@@ -13,6 +13,7 @@ import re
 
 import jsonschema
 import lark
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -59,11 +60,22 @@ def brute(dfa, slots, committed, scores, left_after):
     return best
 
 
-@pytest.mark.parametrize("top_k", [32, 1, 2])  # 1, 2 < vocabulary: the pruned pass, certified or not
+def twin_dfa(rng: random.Random, n_states: int = 4) -> TokenDFA:
+    """Like random_dfa, but tokens 2 and 4 often share their table column (one token class)."""
+    trans = {}
+    for s in range(n_states):
+        trans[s] = {t: rng.randrange(n_states) for t in (0, 2, 3) if rng.random() < 0.6}
+        if 2 in trans[s] and rng.random() < 0.8:
+            trans[s][4] = trans[s][2]
+    finals = [s for s in range(n_states) if rng.random() < 0.4] or [n_states - 1]
+    return TokenDFA(trans, 0, finals, NV, EOS)
+
+
+@pytest.mark.parametrize("make", [random_dfa, twin_dfa])
 @pytest.mark.parametrize("seed", range(40))
-def test_dp_equals_brute_force(seed, top_k):
+def test_dp_equals_brute_force(seed, make):
     rng = random.Random(seed)
-    dfa = random_dfa(rng)
+    dfa = make(rng)
     n = rng.randint(1, 6)
     slots = [MASK if rng.random() < 0.7 else rng.choice([0, 2, 3, 4, EOS]) for _ in range(n)]
     open_slots = [i for i, t in enumerate(slots) if t == MASK]
@@ -74,7 +86,9 @@ def test_dp_equals_brute_force(seed, top_k):
     for s in scores.values():
         s[MASK] = float("-inf")
     want = brute(dfa, slots, committed, scores, left_after)
-    got = dfa.best_assignment(dfa.initial, slots, MASK, left_after, scores, top_k=top_k)
+    got = dfa.best_assignment(dfa.initial, slots, MASK, left_after, scores)
+    sets = dfa.state_sets(dfa.initial, slots, MASK, left_after)  # what the chooser passes in
+    assert dfa.best_assignment(dfa.initial, slots, MASK, left_after, scores, sets) == got
     if want is None:
         assert got is None
         return
@@ -85,10 +99,32 @@ def test_dp_equals_brute_force(seed, top_k):
     assert brute(dfa, filled, [], {}, left_after) is not None
 
 
+def test_token_classes_pick_each_class_best_token():
+    """Tokens with equal table columns form a class; the DP's candidates are each class's best
+    token (the lowest id among ties), classes with only forbidden tokens left out."""
+    rng = random.Random(3)
+    for _ in range(30):
+        dfa = twin_dfa(rng)
+        k = dfa._classes()
+        t = dfa.table.numpy()
+        for a in range(NV):
+            for b in range(NV):
+                assert (k.cls_of[a] == k.cls_of[b]) == bool((t[:, a] == t[:, b]).all())
+        v = np.array([rng.choice([0.0, 1.0, -np.inf]) for _ in range(NV)])
+        toks, best = dfa._class_best(v)
+        want = {}
+        for tok in range(NV):
+            c = k.cls_of[tok]
+            if np.isfinite(v[tok]) and (c not in want or v[tok] > v[want[c]]):
+                want[c] = tok
+        assert sorted(want.values()) == toks.tolist() and best.tolist() == [v[x] for x in toks]
+
+
+@pytest.mark.parametrize("make", [random_dfa, twin_dfa])
 @pytest.mark.parametrize("seed", range(25))
-def test_allowed_sets_equal_brute_force(seed):
+def test_allowed_sets_equal_brute_force(seed, make):
     rng = random.Random(100 + seed)
-    dfa = random_dfa(rng)
+    dfa = make(rng)
     n = rng.randint(1, 6)
     slots = [MASK if rng.random() < 0.7 else rng.choice([0, 2, 3, 4]) for _ in range(n)]
     left_after = rng.randint(0, 2)
@@ -99,9 +135,6 @@ def test_allowed_sets_equal_brute_force(seed):
             trial = list(slots)
             trial[i] = v
             assert bool(got[j, v]) == (brute(dfa, trial, [], {}, left_after) is not None), (slots, i, v)
-    if query:  # the ranking sets: exact at the first open slot, supersets of the exact sets after it
-        fast = dfa.allowed_fast(dfa.initial, slots, MASK, left_after, query)
-        assert torch.equal(fast[0], got[0]) and not (got[1:] & ~fast[1:]).any()
 
 
 def test_distances_are_shortest_paths_to_acceptance():
