@@ -270,7 +270,7 @@ class TokenDFA:
         self.edge_src, self.edge_dst = pairs // S, pairs % S
         self.dist = self._distances()
         self._memo_d: dict = {}
-        self._memo_cap = max(256, 4_000_000 // S)
+        self._memo_cap = max(256, 1_000_000 // S)  # about 2 MB of sets per automaton
         # what every decoding step uses, built now (compile time) rather than on a first request
         self._np()
         self._classes()
@@ -431,10 +431,13 @@ class TokenDFA:
             n = memo[key] = self._set(gb)[k.table[self._set(fb)]].any(0)
         return n
 
-    def _reach_b(self, state: int, slots: Sequence[int], mask_id: int) -> list[bytes]:
+    def _single(self, state: int) -> bytes:
         f = np.zeros(self.num_states, dtype=bool)
         f[state] = True
-        sets = [f.tobytes()]
+        return f.tobytes()
+
+    def _reach_b(self, state: int, slots: Sequence[int], mask_id: int) -> list[bytes]:
+        sets = [self._single(state)]
         for tok in slots:
             sets.append(self._fwb(sets[-1], tok, mask_id))
         return sets
@@ -491,7 +494,7 @@ class TokenDFA:
         if sets is not None:
             start, end_ok = sets[0][lo], sets[1][hi]
         else:
-            start = self._forward_b(self._reach_b(state, [], mask_id)[0], slots[:lo], mask_id)
+            start = self._forward_b(self._single(state), slots[:lo], mask_id)
             end_ok = self._backward_b(slots[hi:], mask_id, left_after)
         # each slot's own best token, if jointly valid, is optimal: its sum bounds every other
         greedy = {i: int(v.argmax()) for i, v in sc.items()}
@@ -523,14 +526,14 @@ class TokenDFA:
 
     def _feasible(self, state: int, slots: Sequence[int], mask_id: int, left_after: int) -> bool:
         """Can slots (MASK = any one token) be completed validly from `state`?"""
-        f = self._set(self._forward_b(self._reach_b(state, [], mask_id)[0], slots, mask_id))
+        f = self._set(self._forward_b(self._single(state), slots, mask_id))
         return bool((f & (self._np()[3] <= left_after)).any())
 
     def _viterbi(self, start: np.ndarray, slots, mask_id, end_ok: np.ndarray,
                  cands) -> Optional[tuple[dict[int, int], float]]:
         """The DP itself, from the states `start` through slots into the states `end_ok`; cands:
         committed slot -> (token ids, their scores). Returns (choice, score)."""
-        t, live, succ, dist = self._np()
+        t, _, succ, _ = self._np()
         S, ninf = self.num_states, -np.inf
         w = np.where(start, 0.0, ninf)
         before: list[np.ndarray] = []

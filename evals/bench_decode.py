@@ -223,11 +223,13 @@ def main(args) -> dict:
                 "nfe_per_request": nfe_per_request,
                 "settings": table.get(name, {"engine": "vllm" if "vLLM" in name else "transformers generate"}),
             })
-        base = next(r for r in report["results"] if r["config"] == "vanilla" and r["length"] == length)
+        base = next((r for r in report["results"] if r["config"] == "vanilla" and r["length"] == length), None)
         for r in report["results"]:
             if r["length"] == length:
-                # None when vanilla generated nothing (every answer began with EOS): no rate to compare
-                r["speedup_vs_vanilla"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
+                # None without a vanilla row (--configs left it out) or when vanilla generated
+                # nothing (every answer began with EOS): no rate to compare
+                r["speedup_vs_vanilla"] = (r["tokens_per_s"] / base["tokens_per_s"]
+                                           if base is not None and base["tokens_per_s"] else None)
     _print(report)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -19,12 +19,14 @@ PACK=${5:-wrap}
 SEQ_LEN=${6:-256}
 TOKENIZER=${7:-}
 INIT_FROM=${8:-}
-COMMON=(--data default-tasks --pack "$PACK" --size "$SIZE" --seq-len "$SEQ_LEN" --micro-batch 16 --max-steps "$STEPS" --lr 1e-3
+BLOCK=${BLOCK:-8}  # block size of BD3-LM / E2D2 (environment variable)
+LR=${LR:-1e-3}     # peak learning rate (environment variable)
+COMMON=(--data default-tasks --pack "$PACK" --size "$SIZE" --seq-len "$SEQ_LEN" --micro-batch 16 --max-steps "$STEPS" --lr "$LR"
         --warmup-steps 100 --vocab-size 2048 --max-positions 1280 --eval-every 500 --save-every 500 --resume)
 for obj in $OBJECTIVES; do
   extra=()
   case "$obj" in
-    bd3lm|e2d2) extra=(--block-size 8) ;;
+    bd3lm|e2d2) extra=(--block-size "$BLOCK") ;;
   esac
   tok=()
   init=()
