@@ -62,6 +62,11 @@ def test_bench_decode_smoke(tmp_path, small_corpus):
     for r in report["results"]:
         assert r["tokens_per_s"] > 0 and 0 <= r["accuracy"] <= 1 and r["nfe"] >= 1
     assert json.load(open(out))["results"] and (tmp_path / "bench.png").exists()
+    # a subset without the vanilla row: no ratio to it, the rest reported
+    args.configs, args.ar_model, args.early_commit_gaps = "threshold+dual", None, None
+    report = main(args)
+    assert [r["config"] for r in report["results"]] == ["threshold+dual"]
+    assert report["results"][0]["speedup_vs_vanilla"] is None
 
 
 @pytest.mark.parametrize("spec", ["3/2", "a/b/c", "1/-1/0"])
