@@ -241,3 +241,16 @@ def test_generate_with_constraints(capsys, run_dir, tmp_path):
     fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--grammar", "start: ((("], "does not compile")
     fails_cleanly(capsys, ["generate", model, "--prompt", "x", "--max-new-tokens", "2", "--regex", "[a-z]{30}"],
                   "cannot be satisfied")
+
+
+def test_generate_show_draws_the_canvas(capsys, run_dir, monkeypatch):
+    """--show on a terminal: the canvas (prompt, decided tokens) is drawn on stderr; stdout keeps
+    the JSON lines."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["generate", str(run_dir / "model"), "--prompt", "the cat", "--max-new-tokens", "8",
+                 "--block-length", "4", "--show"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[0])["prompt"] == "the cat"
+    assert "[0] the cat" in err

@@ -559,3 +559,17 @@ def test_a_request_stops_once_its_decided_prefix_fixes_the_output():
     full = Decoder(model).generate([[3]], dataclasses.replace(cfg, stop=(), stop_at_eos=False))[0]
     assert out.tokens == full.tokens[:2] == [5, 5] and out.finish_reason == "stop"
     assert out.stats["nfe"] < full.stats["nfe"]
+
+
+def test_output_reuse_when_nothing_changed():
+    """Ancestral steps that reveal nothing reuse the last network output (RADD's caching): fewer
+    forwards than steps, same tokens. Statistics split the wall time into forward and the rest."""
+    model = KnownModel(peaked_table(32, WIN, CONF))
+    steps = []
+    res = Decoder(model).generate([[3]], DecodeConfig(max_new_tokens=8, unmask="ancestral", steps=64),
+                                  on_step=lambda rows, answers: steps.append(1))[0]
+    assert res.tokens == [WIN[(2 + i) % 8] for i in range(8)]
+    assert model.calls == res.stats["nfe"] <= 8 < len(steps)  # at most one call per revealing step
+    st = res.stats
+    assert 0 <= st["forward_s"] <= st["wall_s"] and st["other_s"] == pytest.approx(st["wall_s"] - st["forward_s"])
+    assert st["tokens_per_forward"] == pytest.approx(8 / st["nfe"])
