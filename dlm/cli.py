@@ -248,6 +248,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from dlm.constraints import CompileLimits
     from dlm.decode import DecodeConfig
     from dlm.errors import DLMError
 
@@ -259,18 +260,22 @@ def cmd_serve(args) -> None:
         raise DLMError(f"dlm serve needs the serve extra ({e.name} is missing): pip install 'dlm[serve]'") from None
     from dlm.model import load_model
 
-    block = load_model(args.model).config.objective in ("bd3lm", "e2d2")
+    model = load_model(args.model).to(_device(args.device)).eval()  # loaded once, handed to the app
+    block = model.config.objective in ("bd3lm", "e2d2")
     defaults = DecodeConfig(block_length=args.block_length, steps=args.steps, unmask=args.unmask,
                             threshold=args.threshold, factor=args.factor, early_commit=args.early_commit,
                             early_commit_scope=args.early_commit_scope, top_k=args.top_k, top_p=args.top_p,
                             cache=("exact" if block else "none") if args.cache == "auto" else args.cache)
+    limits = CompileLimits(timeout_s=args.constraint_compile_timeout, max_dfa_mb=args.constraint_max_dfa_mb,
+                           cache_mb=args.constraint_cache_mb)
     settings = ServerSettings(model_dir=args.model, served_model_name=args.served_model_name, tokenizer=args.tokenizer,
                               device=args.device, api_key=args.api_key, max_batch=args.max_batch,
                               max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                               max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
                               trust_remote_code=args.trust_remote_code, defaults=defaults,
-                              default_temperature=args.temperature, default_max_tokens=args.max_tokens)
-    app = create_app(settings)
+                              default_temperature=args.temperature, default_max_tokens=args.max_tokens,
+                              compile_limits=limits)
+    app = create_app(settings, model=model)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"dlm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -326,6 +331,12 @@ def cmd_bench_serve(args) -> None:
 
 def cmd_bench_constrained(args) -> None:
     from dlm.evals.bench_constrained import main as bench_main
+
+    bench_main(args)
+
+
+def cmd_bench_schemas(args) -> None:
+    from dlm.evals.bench_schemas import main as bench_main
 
     bench_main(args)
 
@@ -468,6 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cancelled")
     sv.add_argument("--max-tokens", type=int, default=16, help="default max_tokens (OpenAI's default is 16)")
     sv.add_argument("--trust-remote-code", action="store_true", help="allow custom code in the tokenizer directory")
+    sc = sv.add_argument_group("structured outputs (constraint compile budgets)")
+    sc.add_argument("--constraint-compile-timeout", type=float, default=2.0, metavar="S",
+                    help="seconds a token automaton may take to build; past it the grammar engine takes the "
+                         "constraint (default: %(default)s)")
+    sc.add_argument("--constraint-max-dfa-mb", type=float, default=64.0, metavar="MB",
+                    help="largest token automaton table (states x vocabulary); larger ones go to the grammar "
+                         "engine (default: %(default)s)")
+    sc.add_argument("--constraint-cache-mb", type=float, default=1024.0, metavar="MB",
+                    help="memory for compiled constraints kept for reuse (default: %(default)s)")
     sv.add_argument("--tokenizer")
     sv.add_argument("--device")
     add_decoding_flags(sv)
@@ -556,6 +576,23 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--tokenizer")
     bc.add_argument("--out", default="evals/results/constrained_bench.json")
     bc.set_defaults(func=cmd_bench_constrained)
+    bj = b.add_parser("schemas", help="real-world JSON Schemas (JSONSchemaBench sample): coverage, validity, latency",
+                      description="Compile and decode each schema of a seeded JSONSchemaBench sample "
+                                  "(evals/jsonschemabench/sample.jsonl.gz): compiled share, output validity "
+                                  "(jsonschema with format checking), requests that failed alone, compile and "
+                                  "request times, by folder.")
+    bj.add_argument("model", help="diffusion model directory")
+    bj.add_argument("--sample", help="jsonl(.gz) of {folder, file, schema} (default: the committed sample)")
+    bj.add_argument("--limit", type=int, help="only the first N schemas")
+    bj.add_argument("--max-new-tokens", type=int, default=256, help="(default: %(default)s)")
+    bj.add_argument("--block-length", type=int, default=32, help="MDLM / RADD block length (default: %(default)s)")
+    bj.add_argument("--threshold", type=float, default=0.9, help="(default: %(default)s)")
+    bj.add_argument("--compile-timeout", type=float, default=2.0, help="token automaton budget, s (default: %(default)s)")
+    bj.add_argument("--request-timeout", type=float, default=60.0, help="per request, s (default: %(default)s)")
+    bj.add_argument("--seed", type=int, default=0)
+    bj.add_argument("--tokenizer")
+    bj.add_argument("--out", default="runs/bench/jsonschemabench.json", help="(default: %(default)s)")
+    bj.set_defaults(func=cmd_bench_schemas)
     return p
 
 

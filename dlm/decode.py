@@ -114,8 +114,9 @@ class DecodeConfig:
 @dataclass
 class DecodeResult:
     tokens: list[int]  # generated tokens, cut before EOS / a stop sequence
-    finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
+    finish_reason: str  # "stop" (EOS or a stop sequence), "length", "cancelled" or "error"
     stats: dict = field(default_factory=dict)
+    error: Optional[BaseException] = None  # finish_reason "error": what failed (this request only)
 
 
 # ------------------------------------------------------------------ token choice
@@ -254,7 +255,7 @@ class DecodeRequest:
         self.P, self.N, self.total, self.gen_len = P, N, total, total - P
         self.canvas = torch.full((total,), cfg.mask_token_id, dtype=torch.long, device=decoder.device)
         self.canvas[:P] = torch.tensor([cfg.bos_token_id, *self.prompt], device=decoder.device)
-        self.gen = torch.Generator().manual_seed(int(seed))
+        self.gen = torch.Generator().manual_seed(int(seed) % 2**64)  # any int: torch takes [0, 2^64)
         self.steps_total = config.steps or self.gen_len  # fixed-k policies: spread over blocks
         self.bi, self.s_in_block, self.step_i = 0, 0, 0
         self.hit_t, self.hit_block = 1.0, -1  # first-hitting sampler: current time, its block
@@ -306,12 +307,14 @@ class Decoder:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], config: Optional[DecodeConfig] = None,
                  seeds: Optional[Sequence[int]] = None, on_step=None,
-                 constraints: Optional[Sequence] = None) -> list[DecodeResult]:
+                 constraints: Optional[Sequence] = None, raise_errors: bool = True) -> list[DecodeResult]:
         """Decode every prompt. `seeds[i]` (default config.seed + i) seeds request i alone.
         `on_step(rows, answers)`, if given, is called after every network call with the request
         indices and their answer regions (token lists, MASK where still undecided): for progress
         displays and streaming. `constraints[i]` (a `dlm.constraints.CompiledConstraint` or None)
-        constrains request i's output to a regular or context-free language."""
+        constrains request i's output to a regular or context-free language. A request that fails
+        while decoding fails alone (the others finish); with `raise_errors` its error is then
+        raised, else its result has finish_reason "error" and `.error`."""
         config = config or DecodeConfig()
         if not prompts:
             return []
@@ -326,6 +329,10 @@ class Decoder:
                 break
             if on_step is not None:
                 on_step([r.rid for r in stepped], [r.answer() for r in stepped])
+        if raise_errors:
+            failed = next((r.result.error for r in reqs if r.result.error is not None), None)
+            if failed is not None:
+                raise failed
         return [r.result for r in reqs]
 
     def new_request(self, prompt: Sequence[int], config: DecodeConfig, seed: Optional[int] = None,
@@ -348,8 +355,10 @@ class Decoder:
     def step(self, reqs: Sequence[DecodeRequest]) -> list[DecodeRequest]:
         """One round: each unfinished request in `reqs` gets one network call (batched with the
         others) and commits tokens. Returns the requests that stepped; finished ones have
-        `.result` set and drop their caches."""
-        work = [r for r in reqs if not r.finished and self._advance(r)]
+        `.result` set and drop their caches. A request whose own work fails (its constraint
+        cannot be met, its final check fails, its forward pass fails when run alone) finishes
+        with finish_reason "error"; the others step on unaffected."""
+        work = [r for r in reqs if not r.finished and self._guarded(r, self._advance)]
         if not work:
             return []
         need = []
@@ -360,16 +369,34 @@ class Decoder:
                 need.append(r)
             else:  # nothing changed since the last call (ancestral step): reuse its output
                 r.logits = r.prev_logits
-        self._forward(need)
+        try:
+            self._forward(need)
+        except Exception:  # find whose forward fails: each request alone
+            for r in need:
+                self._guarded(r, lambda r: self._forward([r]))
+            work = [r for r in work if not r.finished]
         fast = [r for r in work if self._greedy_threshold(r)]
+        batched = set()
         if len(fast) > 1:
-            self._commit_greedy_threshold(fast)
-        batched = {id(r) for r in fast} if len(fast) > 1 else set()
+            try:
+                self._commit_greedy_threshold(fast)
+                batched = {id(r) for r in fast}
+            except Exception:  # each on its own below, failures isolated
+                pass
         for r in work:
             r.prev_logits = r.logits
             if id(r) not in batched:
-                self._commit(r)
+                self._guarded(r, self._commit)
         return work
+
+    def _guarded(self, r: DecodeRequest, fn):
+        """fn(r); if it raises, r fails alone (finish_reason "error") and the result is None."""
+        try:
+            return fn(r)
+        except Exception as e:  # noqa: BLE001 - recorded on the request, raised by generate()
+            if not r.finished:
+                self._finish(r, error=e)
+            return None
 
     def cancel(self, req: DecodeRequest) -> None:
         """Stop a request now (e.g. its client went away); its caches are freed."""
@@ -398,17 +425,27 @@ class Decoder:
             r.s_in_block = 0
             r.changed, r.prev_logits = True, None
 
-    def _finish(self, r: DecodeRequest) -> None:
+    def _finish(self, r: DecodeRequest, error: Optional[BaseException] = None) -> None:
         gen = r.canvas[r.P : r.P + r.N].tolist()
         out, reason = self._cut(gen, r.config)
         if r.cancelled:
             reason = "cancelled"
+        elif error is None and hasattr(r.chooser, "check"):  # constrained: the final check
+            why = r.chooser.check(out)
+            if why is not None:
+                from dlm.constraints import ConstraintViolation
+
+                error = ConstraintViolation(f"the output does not satisfy the constraint {r.chooser.c.constraint.describe()}"
+                                            f" ({why}); keywords enforced only approximately while decoding: "
+                                            f"{', '.join(r.chooser.c.approximate) or 'none'}")
+        if error is not None:
+            out, reason = [], "error"
         wall = time.perf_counter() - r.t0
         r.result = DecodeResult(out, reason, {
             "nfe": r.nfe, "generated_tokens": len(out), "tokens_per_forward": len(out) / max(1, r.nfe),
             "wall_s": wall, "forward_s": r.t_forward, "other_s": wall - r.t_forward,
             "constraint_s": r.chooser.elapsed,
-        })
+        }, error)
         r.finished = True
         if "slot" in r.st:
             self._slab.release(r.st["slot"])
@@ -905,7 +942,7 @@ class ARRequest:
         self.rid, self.config = rid, config
         self.prompt = [int(t) for t in prompt]
         self.tokens: list[int] = []
-        self.gen = torch.Generator().manual_seed(int(seed))
+        self.gen = torch.Generator().manual_seed(int(seed) % 2**64)  # any int: torch takes [0, 2^64)
         self.chooser = TokenChooser(config, decoder.cfg.mask_token_id)
         self.cache = None
         self.nfe, self.t_forward = 0, 0.0
@@ -944,40 +981,49 @@ class ARDecoder:
 
     @torch.no_grad()
     def step(self, reqs: Sequence[ARRequest]) -> list[ARRequest]:
-        from dlm.model import KVCache
-
         work = [r for r in reqs if not r.finished]
         for r in work:
-            t = time.perf_counter()
-            if r.cache is None:  # prefill: BOS + prompt
-                r.cache = KVCache(self.cfg.num_hidden_layers)
-                ids = [self.cfg.bos_token_id, *r.prompt]
-            else:
-                ids = r.tokens[-1:]
-            x = torch.tensor([ids], dtype=torch.long, device=self.device)
-            logits = self.model(x, is_causal=True, cache=r.cache).logits[0, -1:]
-            r.nfe += 1
-            r.t_forward += time.perf_counter() - t
-            tok, _, _ = r.chooser.choose(logits, torch.zeros(1, dtype=torch.long), None, None, [r.gen])
-            r.tokens.append(int(tok[0]))
-            c = r.config
-            done = len(r.tokens) >= c.max_new_tokens or (c.stop_at_eos and r.tokens[-1] == self.cfg.eos_token_id)
-            if done or any(_find(r.tokens, list(s)) >= 0 for s in c.stop):
-                self._finish(r)
+            try:
+                self._step_one(r)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                if not r.finished:
+                    self._finish(r, error=e)
         return work
+
+    def _step_one(self, r: ARRequest) -> None:
+        from dlm.model import KVCache
+
+        t = time.perf_counter()
+        if r.cache is None:  # prefill: BOS + prompt
+            r.cache = KVCache(self.cfg.num_hidden_layers)
+            ids = [self.cfg.bos_token_id, *r.prompt]
+        else:
+            ids = r.tokens[-1:]
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.model(x, is_causal=True, cache=r.cache).logits[0, -1:]
+        r.nfe += 1
+        r.t_forward += time.perf_counter() - t
+        tok, _, _ = r.chooser.choose(logits, torch.zeros(1, dtype=torch.long), None, None, [r.gen])
+        r.tokens.append(int(tok[0]))
+        c = r.config
+        done = len(r.tokens) >= c.max_new_tokens or (c.stop_at_eos and r.tokens[-1] == self.cfg.eos_token_id)
+        if done or any(_find(r.tokens, list(s)) >= 0 for s in c.stop):
+            self._finish(r)
 
     def cancel(self, req: ARRequest) -> None:
         if not req.finished:
             req.cancelled = True
             self._finish(req)
 
-    def _finish(self, r: ARRequest) -> None:
+    def _finish(self, r: ARRequest, error: Optional[BaseException] = None) -> None:
         out, reason = _cut_output(r.tokens, r.config, self.cfg.eos_token_id)
         if r.cancelled:
             reason = "cancelled"
+        if error is not None:
+            out, reason = [], "error"
         wall = time.perf_counter() - r.t0
         r.result = DecodeResult(out, reason, {
             "nfe": r.nfe, "generated_tokens": len(out), "tokens_per_forward": len(out) / max(1, r.nfe),
             "wall_s": wall, "forward_s": r.t_forward, "other_s": wall - r.t_forward, "constraint_s": 0.0,
-        })
+        }, error)
         r.finished, r.cache = True, None

@@ -26,41 +26,51 @@ def token_logprobs(model, ids: list[int], batch_size: int = 64, objective=None, 
     """For ids = [BOS, x_1, ..., x_n]: (logprob of each x_i, the top token at i, its logprob),
     each a list of n + 1 with None at position 0 (nothing scores BOS) and, for a diffusion model,
     before `start` (only positions from `start` on are computed)."""
+    lp, tops = token_top_logprobs(model, ids, 1, batch_size, objective, start)
+    return lp, [-1 if t is None else t[0][0] for t in tops], [None if t is None else t[0][1] for t in tops]
+
+
+@torch.no_grad()
+def token_top_logprobs(model, ids: list[int], k: int, batch_size: int = 64, objective=None, start: int = 1
+                       ) -> tuple[list[Optional[float]], list[Optional[list[tuple[int, float]]]]]:
+    """For ids = [BOS, x_1, ..., x_n]: (logprob of each x_i, the k most likely tokens at i with
+    their logprobs, best first), lists of n + 1 with None where nothing is computed."""
+    T = len(ids)
+    lp: list[Optional[float]] = [None] * T
+    tops: list[Optional[list[tuple[int, float]]]] = [None] * T
+    for pos, logp in _logp_rows(model, ids, batch_size, objective, start):
+        x = torch.tensor([ids[p] for p in pos], device=logp.device)
+        own = logp.gather(-1, x[:, None])[:, 0].cpu().tolist()
+        best = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        vals, idx = best.values.cpu().tolist(), best.indices.cpu().tolist()
+        for j, p in enumerate(pos):
+            lp[p] = own[j]
+            tops[p] = list(zip(idx[j], vals[j]))
+    return lp, tops
+
+
+def _logp_rows(model, ids: list[int], batch_size: int, objective, start: int):
+    """Yields (positions, (len, V) float64 log-probs of the token at each position): AR models
+    exactly from one causal forward, diffusion models by the left-to-right chain."""
     cfg = model.config
     dev = next(model.parameters()).device
     T = len(ids)
+    if T < 2:
+        return
     x = torch.tensor(ids, dtype=torch.long, device=dev)
-    lp = torch.empty(T - 1, dtype=torch.float64)
-    top = torch.empty(T - 1, dtype=torch.long)
-    top_lp = torch.empty(T - 1, dtype=torch.float64)
-    if T > 1:
-        if cfg.objective == "ar":
-            logits = model(x[None], is_causal=True).logits[0, :-1].double()
-            logp = logits.log_softmax(-1)
-            lp = logp.gather(-1, x[1:, None])[:, 0].cpu()
-            best = logp.max(-1)
-            top, top_lp = best.indices.cpu(), best.values.cpu()
-        else:
-            if objective is None and cfg.objective in ("bd3lm", "e2d2"):
-                from dlm.objectives import make_objective
+    if cfg.objective == "ar":
+        logits = model(x[None], is_causal=True).logits[0, :-1].double()
+        yield list(range(1, T)), logits.log_softmax(-1)
+        return
+    if objective is None and cfg.objective in ("bd3lm", "e2d2"):
+        from dlm.objectives import make_objective
 
-                objective = make_objective(cfg)
-            lp.fill_(float("nan"))
-            top_lp.fill_(float("nan"))
-            top.fill_(-1)
-            for s in range(max(1, start), T, batch_size):
-                pos = torch.arange(s, min(T, s + batch_size), device=dev)
-                logits = _chain_logits(model, cfg, objective, x, pos).double()
-                logits[:, cfg.mask_token_id] = float("-inf")
-                logp = logits.log_softmax(-1)
-                i = pos - 1
-                lp[i.cpu()] = logp.gather(-1, x[pos][:, None])[:, 0].cpu()
-                best = logp.max(-1)
-                top[i.cpu()], top_lp[i.cpu()] = best.indices.cpu(), best.values.cpu()
-    def listed(t):
-        return [None, *(None if v != v else v for v in t.tolist())]  # NaN (not computed) -> None
-
-    return listed(lp), [-1, *top.tolist()], listed(top_lp)
+        objective = make_objective(cfg)
+    for s in range(max(1, start), T, batch_size):
+        pos = torch.arange(s, min(T, s + batch_size), device=dev)
+        logits = _chain_logits(model, cfg, objective, x, pos).double()
+        logits[:, cfg.mask_token_id] = float("-inf")
+        yield pos.tolist(), logits.log_softmax(-1)
 
 
 def _chain_logits(model, cfg, objective, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,18 @@ class QueueFull(Exception):
     """The server has `max_queue` jobs waiting or running: retry later."""
 
 
+class JobTimeout(Exception):
+    """The job ran past its deadline (the server's --request-timeout)."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping; the job was not finished."""
+
+
+class InternalError(Exception):
+    """The batched step failed outside any one request's own work."""
+
+
 @dataclass
 class Job:
     prompt: list[int]
@@ -33,7 +45,7 @@ class Job:
     deadline: Optional[float] = None
     loop: Optional[asyncio.AbstractEventLoop] = None
     events: Optional[asyncio.Queue] = None  # shared by the jobs of one HTTP request: (index, kind, value),
-    index: int = 0  # kind "tokens" (final prefix) / "done" (DecodeResult) / "error" (message)
+    index: int = 0  # kind "tokens" (final prefix) / "done" (DecodeResult) / "error" (an exception)
     request: Optional[DecodeRequest] = None
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -75,10 +87,13 @@ class Scheduler:
 
     # ---------------------------------------------------------- called from the web server
     def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs (all or none). Raises QueueFull when they do not fit, DLMError on bad input."""
+        """Queue jobs (all or none). Raises QueueFull when they do not fit. Jobs come set up
+        (`job.request`, from the decoder's new_request, done off the event loop by the caller);
+        a job without one is set up here (DLMError on bad input)."""
         events = asyncio.Queue()
-        for i, j in enumerate(jobs):  # validate here, in the caller's thread: bad input never reaches the batch
-            j.request = self.decoder.new_request(j.prompt, j.config, j.seed, j.constraint)
+        for i, j in enumerate(jobs):  # bad input never reaches the batch
+            if j.request is None:
+                j.request = self.decoder.new_request(j.prompt, j.config, j.seed, j.constraint)
             j.loop, j.events, j.index = asyncio.get_running_loop(), events, i
         with self.lock:
             if len(self.pending) + len(self.live) + len(jobs) > self.max_queue:
@@ -115,7 +130,7 @@ class Scheduler:
                     self.lock.wait()
                 if self.stopping:
                     for j in list(self.pending) + self.live:
-                        j.post("error", "the server is shutting down")
+                        j.post("error", ShuttingDown("the server is shutting down; retry"))
                     return
                 while self.pending and len(self.live) < self.max_batch:
                     self.live.append(self.pending.popleft())
@@ -123,12 +138,12 @@ class Scheduler:
             if not self.live:
                 continue
             t_step = time.perf_counter()
-            try:
+            try:  # a request's own failure finishes it with an error inside the step (the others go on)
                 self.decoder.step([j.request for j in self.live])
-            except Exception as e:  # a fault in one step must not kill the server: fail the batch's jobs
+            except Exception as e:  # a fault outside every request's own work must not kill the server
                 for j in self.live:
                     self.decoder.cancel(j.request)
-                    j.post("error", f"decoding failed: {type(e).__name__}: {e}")
+                    j.post("error", InternalError(f"decoding failed: internal error ({type(e).__name__})"))
                 self.live = []
                 continue
             now = time.perf_counter()
@@ -138,6 +153,11 @@ class Scheduler:
             keep = []
             for j in self.live:
                 r = j.request
+                if r.finished and r.result.error is not None:
+                    j.post("error", r.result.error, self.outbox)
+                    if self.metrics:
+                        self.metrics.failed()
+                    continue
                 if r.finished:
                     self._report_progress(j, final=True)
                     j.post("done", r.result, self.outbox)
@@ -146,7 +166,7 @@ class Scheduler:
                     continue
                 if j.deadline is not None and now > j.deadline:
                     self.decoder.cancel(r)
-                    j.post("error", "timeout", self.outbox)
+                    j.post("error", JobTimeout("timeout"), self.outbox)
                     continue
                 self._report_progress(j)
                 keep.append(j)

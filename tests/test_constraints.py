@@ -106,7 +106,7 @@ def test_token_classes_pick_each_class_best_token():
     for _ in range(30):
         dfa = twin_dfa(rng)
         k = dfa._classes()
-        t = dfa.table.numpy()
+        t = np.asarray(dfa.table)
         for a in range(NV):
             for b in range(NV):
                 assert (k.cls_of[a] == k.cls_of[b]) == bool((t[:, a] == t[:, b]).all())
@@ -334,7 +334,7 @@ def test_bad_constraints_get_clear_errors(tok, compiler):
         make_constraint(regex="a", choice=["b"])
     model = tiny_model(tok)
     c = compiler.compile(Constraint.regex("[a-z]{40}"))
-    with pytest.raises(DLMError, match="cannot be satisfied within max_new_tokens=4"):
+    with pytest.raises(DLMError, match="cannot be satisfied within 4 tokens: its shortest valid output has 6"):
         Decoder(model).generate([tok.encode("x")], DecodeConfig(max_new_tokens=4), constraints=[c])
     g = compiler.compile(Constraint.grammar('start: "((((x))))"\n'))
     with pytest.raises(DLMError, match="satisfies the constraint"):
@@ -343,7 +343,6 @@ def test_bad_constraints_get_clear_errors(tok, compiler):
         Decoder(model).generate([tok.encode("x")], DecodeConfig(max_new_tokens=4), constraints=[c, c])
 
 
-def test_unsupported_schema_keyword_is_named(compiler):
-    with pytest.raises(DLMError, match="unsupported JSON schema"):
-        compiler.compile(Constraint.json_schema({"type": "object", "patternProperties": {"^a": {"type": "string"}},
-                                                 "additionalProperties": False, "not": {"required": ["a"]}}))
+def test_unsupported_schema_is_refused_with_the_reason(compiler):
+    with pytest.raises(DLMError, match="unsupported JSON schema"):  # lookahead: no regular engine has it
+        compiler.compile(Constraint.json_schema({"type": "string", "pattern": "^(?=a)[a-z]+$"}))

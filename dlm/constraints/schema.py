@@ -1,0 +1,384 @@
+"""JSON Schema, prepared for the engines, and the final check of every output.
+
+Real-world schemas (JSONSchemaBench's GitHub, Kubernetes, API schemas) use more than either
+engine enforces literally. `prepare` rewrites a schema into one the engines enforce *exactly or
+more strictly*, so every output they produce is valid under the original:
+
+* Annotations stay annotations: unknown keywords (`nullable`, `instanceof`, ...) and unknown
+  `format`s are dropped (the JSON Schema spec says unknown formats annotate, they do not
+  validate); formats the engines lack get a pattern that only accepts valid values
+  (`uri-reference` -> a `uri`, `json-pointer` -> its grammar, ...).
+* Keywords that cannot apply are dropped: under `"type": "array"`, `properties` says nothing
+  (outlines-core would otherwise build an object).
+* `not` is rewritten where it can be expressed: `not type`, `not required` (the property is
+  left out), `not const / enum` over booleans, null or a sibling `enum`, and `not anyOf`
+  (De Morgan). `uniqueItems` with at most one item required becomes "at most one item".
+
+Whatever remains approximate (`not` of another shape, `uniqueItems` with two or more items,
+`oneOf` with overlapping branches, keywords llguidance does not implement) is listed in
+`Prepared.approximate`: decoding enforces the rest, and `check_json` validates the final output
+against the *original* schema with format checking, so an output that misses is never returned
+as valid (the request fails with the reason instead).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from dlm.errors import DLMError
+
+# Every keyword of drafts 4 to 2020-12 (others are annotations, dropped before compiling).
+KEYWORDS = {
+    "$schema", "$id", "id", "$ref", "$defs", "definitions", "$comment", "$anchor", "$dynamicRef", "$dynamicAnchor",
+    "$recursiveRef", "$recursiveAnchor", "$vocabulary", "type", "enum", "const", "properties", "required",
+    "additionalProperties", "patternProperties", "minProperties", "maxProperties", "propertyNames",
+    "dependentRequired", "dependentSchemas", "dependencies", "unevaluatedProperties", "items", "prefixItems",
+    "additionalItems", "minItems", "maxItems", "uniqueItems", "contains", "minContains", "maxContains",
+    "unevaluatedItems", "minLength", "maxLength", "pattern", "format", "contentEncoding", "contentMediaType",
+    "contentSchema", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "allOf", "anyOf",
+    "oneOf", "not", "if", "then", "else", "title", "description", "default", "examples", "deprecated", "readOnly",
+    "writeOnly",
+}
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
+SCHEMA_ONE = ("additionalProperties", "additionalItems", "contains", "propertyNames", "not", "if", "then", "else",
+              "unevaluatedItems", "unevaluatedProperties", "contentSchema")
+SCHEMA_LIST = ("allOf", "anyOf", "oneOf", "prefixItems")
+TYPE_KEYWORDS = {
+    "object": {"properties", "additionalProperties", "required", "patternProperties", "minProperties",
+               "maxProperties", "propertyNames", "dependentRequired", "dependentSchemas", "dependencies",
+               "unevaluatedProperties"},
+    "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems", "contains",
+              "minContains", "maxContains", "unevaluatedItems"},
+    "string": {"minLength", "maxLength", "pattern", "format", "contentEncoding", "contentMediaType", "contentSchema"},
+    "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"},
+}
+TYPE_KEYWORDS["integer"] = TYPE_KEYWORDS["number"]
+TYPED = set().union(*TYPE_KEYWORDS.values())
+ALL_TYPES = ("string", "number", "integer", "boolean", "null", "array", "object")
+
+# Formats llguidance enforces; the others get a pattern whose strings are all valid in that format
+# (checked against jsonschema's format checker in the tests).
+ENGINE_FORMATS = {"date-time", "date", "time", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uuid"}
+FORMAT_SUBSET = {
+    "idn-email": {"format": "email"},
+    "idn-hostname": {"format": "hostname"},
+    "uri-reference": {"format": "uri"},
+    "iri": {"format": "uri"},
+    "iri-reference": {"format": "uri"},
+    "json-pointer": {"pattern": "^(/([^/~\"\\\\]|~[01])*)*$"},
+    "relative-json-pointer": {"pattern": "^(0|[1-9][0-9]*)(#|(/([^/~\"\\\\]|~[01])*)*)$"},
+    "uri-template": {"pattern": "^[A-Za-z0-9._~:/?#@!$&()*+,;=-]*$"},
+    "regex": {"pattern": "^[A-Za-z0-9 ]*$"},
+    "color": {"pattern": "^#[0-9a-f]{6}$"},
+}
+# formats outlines-core's regex translation writes (others send a schema to llguidance)
+REGULAR_FORMATS = {"date-time", "date", "time", "uuid"}
+# keywords outlines-core's regex translation enforces exactly (others send a schema to llguidance)
+REGULAR_KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+                    "enum", "const", "anyOf", "$ref", "$defs", "definitions", "minLength", "maxLength", "pattern",
+                    "format", "title", "description", "default", "examples", "$schema", "$id", "id", "$comment",
+                    "deprecated", "readOnly", "writeOnly"}
+MAX_ENUM_RANGE = 1000
+
+
+class _Unsatisfiable(Exception):
+    """A subschema no value satisfies: it becomes `false` (fine where it is optional)."""
+
+
+ANNOTATIONS = {"title", "description", "$comment", "default", "examples", "deprecated", "readOnly", "writeOnly"}
+
+
+@dataclass
+class Prepared:
+    schema: object  # what the engines compile
+    approximate: list[str] = field(default_factory=list)  # keywords decoding does not enforce exactly
+
+
+def prepare(schema: Optional[dict]) -> Prepared:
+    """The schema the engines compile (see the module docstring)."""
+    if not schema:
+        return Prepared({"type": "object"})
+    approx: list[str] = []
+    old_refs = any(f"draft-0{d}" in str(schema.get("$schema", "")) for d in (3, 4, 6, 7))
+    out = _walk(json.loads(json.dumps(schema)), approx, old_refs)
+    if out is False:
+        raise DLMError("no value satisfies this JSON schema (a `not`, `const` or property count excludes everything)")
+    return Prepared(out, sorted(set(approx)))
+
+
+def _walk(node, approx: list[str], old_refs: bool):
+    """Rewrite one subschema (bottom-up over its subschemas); False when nothing satisfies it."""
+    try:
+        return _rewrite(node, approx, old_refs)
+    except _Unsatisfiable:
+        return False
+
+
+def _rewrite(node, approx: list[str], old_refs: bool):
+    if not isinstance(node, dict):
+        return node  # true / false
+    node = {k: v for k, v in node.items() if k in KEYWORDS}
+    if "$ref" in node:  # annotations beside a $ref say nothing (and llguidance refuses siblings in cycles)
+        node = {k: v for k, v in node.items() if k not in ANNOTATIONS}
+    if "$ref" in node and set(node) - {"$ref", "$defs", "definitions", "$schema", "$id", "id"}:
+        if old_refs:  # drafts 3 to 7: the siblings of $ref are ignored
+            node = {k: v for k, v in node.items() if k in ("$ref", "$defs", "definitions", "$schema", "$id", "id")}
+        else:  # 2019-09 on: they apply beside it
+            rest = {k: v for k, v in node.items() if k not in ("$defs", "definitions", "$schema", "$id", "id")}
+            node = {k: v for k, v in node.items() if k in ("$defs", "definitions", "$schema", "$id", "id")}
+            ref = rest.pop("$ref") if "$ref" in rest else None
+            node["allOf"] = [{"$ref": ref}, rest]
+    walk = lambda sub: _walk(sub, approx, old_refs)  # noqa: E731
+    for k in SCHEMA_MAPS:
+        if isinstance(node.get(k), dict):
+            node[k] = {name: walk(sub) for name, sub in node[k].items()}
+    for k in SCHEMA_ONE:
+        if isinstance(node.get(k), (dict, bool)):
+            node[k] = walk(node[k])
+    for k in SCHEMA_LIST:
+        if isinstance(node.get(k), list):
+            node[k] = [walk(sub) for sub in node[k]]
+    if isinstance(node.get("items"), (dict, bool)):
+        node["items"] = walk(node["items"])
+    elif isinstance(node.get("items"), list):
+        node["items"] = [walk(sub) for sub in node["items"]]
+    _prune_by_type(node)
+    _formats(node)
+    if "not" in node:
+        _rewrite_not(node, approx)
+    if "minProperties" in node or "maxProperties" in node:
+        _property_counts(node, approx)
+    if node.get("uniqueItems") is True:
+        del node["uniqueItems"]
+        if node.get("minItems", 0) <= 1:
+            node["maxItems"] = min(node.get("maxItems", 1), 1)  # arrays of at most one item are unique
+        else:
+            approx.append("uniqueItems")
+    elif "uniqueItems" in node:
+        del node["uniqueItems"]
+    return node
+
+
+def _types(node) -> Optional[list[str]]:
+    t = node.get("type")
+    if isinstance(t, str):
+        return [t]
+    if isinstance(t, list) and all(isinstance(x, str) for x in t):
+        return list(t)
+    return None
+
+
+def _prune_by_type(node: dict) -> None:
+    types = _types(node)
+    if types is None:
+        return
+    allowed = set().union(*(TYPE_KEYWORDS.get(t, set()) for t in types))
+    for k in [k for k in node if k in TYPED and k not in allowed]:
+        del node[k]
+
+
+def _formats(node: dict) -> None:
+    f = node.get("format")
+    if f is None or (isinstance(f, str) and f in ENGINE_FORMATS):
+        return
+    del node["format"]  # unknown: an annotation
+    sub = FORMAT_SUBSET.get(f) if isinstance(f, str) else None
+    if sub is None:
+        return
+    if "format" in sub:
+        node["format"] = sub["format"]
+    elif "pattern" not in node:
+        node["pattern"] = sub["pattern"]
+    else:  # both must hold
+        node["allOf"] = [*node.get("allOf", []), {"pattern": sub["pattern"]}]
+
+
+def _rewrite_not(node: dict, approx: list[str]) -> None:
+    """Replace node["not"] by an equivalent (or stricter) positive form, else mark it approximate."""
+    neg = node.pop("not")
+    if neg is True or neg == {}:
+        raise _Unsatisfiable()  # not {}: nothing
+    if neg is False:
+        return  # not false: no restriction
+    if not _negate(node, neg):
+        approx.append("not")
+
+
+def _negate(node: dict, neg: dict) -> bool:
+    """Make `node` exclude what `neg` accepts; True when done exactly (or more strictly)."""
+    keys = set(neg) - {"title", "description", "$comment", "default", "examples"}
+    if keys == {"type"} and _types(neg) is not None:
+        banned = set(_types(neg))
+        if "number" in banned:
+            banned.add("integer")
+        have = _types(node) or list(ALL_TYPES)
+        if "integer" in banned and "number" in have and "number" not in banned:
+            return False  # numbers that are not integers: no positive form
+        left = [t for t in have if t not in banned]
+        if not left:
+            raise _Unsatisfiable()
+        node["type"] = left if len(left) > 1 else left[0]
+        _prune_by_type(node)
+        return True
+    if keys == {"required"} and isinstance(neg["required"], list) and neg["required"]:
+        need = set(node.get("required") or [])
+        free = [n for n in neg["required"] if n not in need]
+        if not free:
+            raise _Unsatisfiable()  # requires them all and forbids having them all
+        props = dict(node.get("properties") or {})
+        props[free[0]] = False  # leave one of them out: the object then lacks one of the names
+        node["properties"] = props
+        return True
+    if keys in ({"const"}, {"enum"}):
+        bad = [neg["const"]] if "const" in neg else list(neg["enum"]) if isinstance(neg["enum"], list) else None
+        if bad is None:
+            return False
+        if isinstance(node.get("enum"), list):
+            node["enum"] = [v for v in node["enum"] if v not in bad]
+        elif "const" in node:
+            if node["const"] in bad:
+                raise _Unsatisfiable()
+            return True
+        elif _types(node) and set(_types(node)) <= {"boolean", "null"}:
+            node["enum"] = [v for v in ([True, False] if "boolean" in _types(node) else []) +
+                            ([None] if "null" in _types(node) else []) if v not in bad]
+        else:
+            return False
+        if not node["enum"]:
+            raise _Unsatisfiable()
+        return True
+    if keys == {"anyOf"} and isinstance(neg["anyOf"], list):
+        return all(isinstance(sub, dict) and _negate(node, sub) for sub in neg["anyOf"])  # not (a or b) = not a and not b
+    return False
+
+
+def _property_counts(node: dict, approx: list[str]) -> None:
+    """minProperties / maxProperties as required properties and a closed object (the engines
+    take those): the first optional properties become required up to the minimum; past the
+    maximum, optional properties are left out and no others are allowed. Stricter, never looser."""
+    lo, hi = node.pop("minProperties", None), node.pop("maxProperties", None)
+    props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+    required = [r for r in (node.get("required") or []) if isinstance(r, str)]
+    optional = [p for p, sub in props.items() if p not in required and sub is not False]
+    if isinstance(lo, int) and len(required) < lo:
+        if len(required) + len(optional) >= lo:
+            required += optional[: lo - len(required)]
+            optional = [p for p in optional if p not in required]
+            node["required"] = required
+        else:
+            approx.append("minProperties")
+    if isinstance(hi, int):
+        if len(set(required)) > hi:
+            raise _Unsatisfiable()
+        if node.get("patternProperties"):
+            approx.append("maxProperties")
+            return
+        keep = set(required) | set(optional[: hi - len(set(required))])
+        node["properties"] = {p: sub for p, sub in props.items() if p in keep}
+        node["additionalProperties"] = False
+
+
+# ------------------------------------------------------------------ routing
+def regular_candidate(schema) -> bool:
+    """Whether outlines-core's regex translation enforces this (prepared) schema exactly: only
+    keywords it writes into the regex, no recursion, no boolean subschemas but
+    `additionalProperties: false`, every required property declared, small integer ranges."""
+    defs = {}
+    if isinstance(schema, dict):
+        for k in ("$defs", "definitions"):
+            if isinstance(schema.get(k), dict):
+                defs.update({f"#/{k}/{name}": sub for name, sub in schema[k].items()})
+    return _regular(schema, defs, ())
+
+
+def _regular(node, defs: dict, path: tuple) -> bool:
+    if not isinstance(node, dict):
+        return False
+    if set(node) - REGULAR_KEYWORDS:
+        return False
+    if "format" in node and node["format"] not in REGULAR_FORMATS:
+        return False
+    if "$ref" in node:
+        ref = node["$ref"]
+        if ref == "#":
+            return False  # the root: recursive
+        if ref not in defs or ref in path or len(node) > 1:
+            return False
+        if not _regular(defs[ref], defs, path + (ref,)):
+            return False
+    if "additionalProperties" in node and node["additionalProperties"] not in (False, True):
+        return False
+    props = node.get("properties") or {}
+    if not isinstance(props, dict) or any(not _regular(s, defs, path) for s in props.values()):
+        return False
+    if any(r not in props for r in node.get("required") or []):
+        return False
+    if "items" in node and not _regular(node["items"], defs, path):
+        return False
+    if "anyOf" in node and not all(_regular(s, defs, path) for s in node["anyOf"]):
+        return False
+    for k in ("$defs", "definitions"):
+        if k in node and not path and not all(_regular(s, defs, (f"#/{k}/{n}",)) for n, s in node[k].items()):
+            return False
+    return True
+
+
+def small_ranges_as_enums(node):
+    """{"type": "integer", "minimum": a, "maximum": b} with b - a <= MAX_ENUM_RANGE -> an enum, which
+    the token DFA enforces exactly (outlines-core ignores numeric bounds)."""
+    if isinstance(node, list):
+        return [small_ranges_as_enums(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: (v if k in ("enum", "const", "required", "examples", "default") else small_ranges_as_enums(v))
+            for k, v in node.items()}
+    if node.get("type") == "integer" and "multipleOf" not in node:
+        lo = node.get("minimum", node["exclusiveMinimum"] + 1 if isinstance(node.get("exclusiveMinimum"), int) else None)
+        hi = node.get("maximum", node["exclusiveMaximum"] - 1 if isinstance(node.get("exclusiveMaximum"), int) else None)
+        if isinstance(lo, int) and isinstance(hi, int) and 0 <= hi - lo <= MAX_ENUM_RANGE:
+            rest = {k: v for k, v in node.items() if k not in ("type", "minimum", "maximum", "exclusiveMinimum",
+                                                                  "exclusiveMaximum")}
+            return {**rest, "enum": list(range(lo, hi + 1))}
+    return node
+
+
+def numeric_bounds(node) -> bool:
+    """Whether any numeric bound is left (outlines-core would ignore it)."""
+    if isinstance(node, list):
+        return any(numeric_bounds(v) for v in node)
+    if not isinstance(node, dict):
+        return False
+    if set(node) & TYPE_KEYWORDS["number"]:
+        return True
+    return any(numeric_bounds(v) for k, v in node.items() if k not in ("enum", "const", "examples", "default"))
+
+
+# ------------------------------------------------------------------ the final check
+def check_json(text: str, schema: Optional[dict]) -> Optional[str]:
+    """None when `text` is JSON valid under `schema` (None: any JSON object), with format
+    checking and no network ($refs to other documents do not resolve); else the reason."""
+    import jsonschema
+    from referencing import Registry
+
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        return f"the output is not JSON ({e})"
+    if not schema:
+        return None if isinstance(value, dict) else "the output is not a JSON object"
+
+    def no_retrieval(uri):
+        raise LookupError(f"dlm does not fetch schemas over the network ({uri})")
+
+    cls = jsonschema.validators.validator_for(schema)
+    validator = cls(schema, format_checker=cls.FORMAT_CHECKER, registry=Registry(retrieve=no_retrieval))
+    try:
+        err = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    except Exception as e:  # an unresolvable $ref, a pathological schema: not checkable
+        return f"the schema could not be checked ({type(e).__name__})"
+    if err is None:
+        return None
+    where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+    return f"at {where}: {err.message[:200]}"
