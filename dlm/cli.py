@@ -282,8 +282,9 @@ def cmd_serve(args) -> None:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    """`dlm eval ARGS`: lm-eval's own command line with the dlm model registered, --model
-    defaulting to dlm and --include_path to dlm's offline tasks."""
+    """`dlm eval [run|ls|validate] ARGS`: lm-eval's own command line with the dlm model registered
+    (lm-eval has no plugin hook for models, so `lm_eval --model dlm` cannot find it), --model
+    defaulting to dlm and --include_path to dlm's offline tasks. Every lm-eval flag passes through."""
     try:
         import lm_eval.__main__ as lm_main
     except ImportError:
@@ -294,15 +295,17 @@ def cmd_eval(argv: list[str]) -> int:
     from dlm.evals import TASKS_DIR
 
     args = list(argv)
-    if args and args[0] == "run":
-        args = args[1:]
-    if not any(a == "--model" or a.startswith("--model=") for a in args):
+    command = "run"
+    if args and args[0] in ("run", "ls", "list", "validate"):
+        command, args = args[0], args[1:]
+    if command == "run" and not any(a == "--model" or a.startswith("--model=") for a in args):
         args = ["--model", "dlm", *args]
-    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+    if "-h" not in args and "--help" not in args and \
+            not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
         args += ["--include_path", TASKS_DIR]
-    sys.argv = ["lm-eval", "run", *args]
-    lm_main.cli_evaluate()
-    return 0
+    sys.argv = ["lm-eval", command, *args]
+    result = lm_main.cli_evaluate()
+    return result if isinstance(result, int) else 0
 
 
 def cmd_export(args) -> None:
@@ -480,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens", type=int, default=16, help="default max_tokens (OpenAI's default is 16)")
     sv.add_argument("--trust-remote-code", action="store_true", help="allow custom code in the tokenizer directory")
     sc = sv.add_argument_group("structured outputs (constraint compile budgets)")
-    sc.add_argument("--constraint-compile-timeout", type=float, default=2.0, metavar="S",
+    sc.add_argument("--constraint-compile-timeout", type=float, default=1.0, metavar="S",
                     help="seconds a token automaton may take to build; past it the grammar engine takes the "
                          "constraint (default: %(default)s)")
     sc.add_argument("--constraint-max-dfa-mb", type=float, default=64.0, metavar="MB",
@@ -587,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     bj.add_argument("--max-new-tokens", type=int, default=256, help="(default: %(default)s)")
     bj.add_argument("--block-length", type=int, default=32, help="MDLM / RADD block length (default: %(default)s)")
     bj.add_argument("--threshold", type=float, default=0.9, help="(default: %(default)s)")
-    bj.add_argument("--compile-timeout", type=float, default=2.0, help="token automaton budget, s (default: %(default)s)")
+    bj.add_argument("--compile-timeout", type=float, default=1.0, help="token automaton budget, s (default: %(default)s)")
     bj.add_argument("--request-timeout", type=float, default=60.0, help="per request, s (default: %(default)s)")
     bj.add_argument("--seed", type=int, default=0)
     bj.add_argument("--tokenizer")
@@ -596,17 +599,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EVAL_HELP = """usage: dlm eval [lm-eval run arguments]
+EVAL_HELP = """usage: dlm eval [run | ls | validate] [lm-eval arguments]
 
-Runs lm-eval's own command line (`lm-eval run ...`) with the "dlm" model registered. --model
-defaults to dlm and --include_path to dlm's offline tasks (dlm_tasks: the checkable tasks as
-generation with exact match; dlm_mc: multiple choice; dlm_text_ppl: rolling perplexity of
-held-out English). Examples:
+lm-eval's own command line with the "dlm" model registered: `dlm eval run ARGS` is
+`lm-eval run --model dlm ARGS`, `dlm eval ls tasks` and `dlm eval validate --tasks T` list and
+check tasks, and every lm-eval flag passes through unchanged (`dlm eval run --help` prints them).
+--model defaults to dlm and --include_path to dlm's offline tasks (dlm_tasks: the checkable tasks
+as generation with exact match; dlm_mc: multiple choice; dlm_text_ppl: rolling perplexity of
+held-out English).
 
+Why not `lm_eval --model dlm`: lm-eval 0.4 finds models in a fixed table (no plugin hook for
+installed packages), so its own CLI cannot see dlm's model; `dlm eval` is lm-eval's CLI with it
+added. In Python, `import dlm.evals.lm_eval_model` first, then lm_eval.simple_evaluate(model="dlm").
+
+Examples:
   dlm eval --model_args pretrained=runs/mdlm/model,mc_samples=32 --tasks dlm_mc --output_path out/
-  dlm eval --model_args pretrained=runs/mdlm/model,unmask=threshold,cache=dual --tasks dlm_tasks \\
-      --log_samples --output_path out/
+  dlm eval run --model_args pretrained=runs/mdlm/model,unmask=threshold,cache=dual --tasks dlm_tasks \\
+      --log_samples --output_path out/ --limit 100 --seed 0 --batch_size 8
   dlm eval --model_args pretrained=DIR --tasks hellaswag,lambada_openai   # hub tasks, online
+  dlm eval ls tasks                                                        # includes dlm's tasks
+  dlm eval --model local-completions --model_args model=tiny,base_url=http://127.0.0.1:8000/v1/completions,...
 
 Model arguments: pretrained, tokenizer, device, batch_size, mc_samples (Monte Carlo samples of
 the ELBO, default 32), loglikelihood (elbo, the default, or chain: the deterministic left-to-right

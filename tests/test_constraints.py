@@ -71,11 +71,23 @@ def twin_dfa(rng: random.Random, n_states: int = 4) -> TokenDFA:
     return TokenDFA(trans, 0, finals, NV, EOS)
 
 
+@pytest.fixture(params=["dense", "sparse"])
+def reach(request, monkeypatch):
+    """One-token reachability as a dense S x S matrix (small automata) or an edge list (large)."""
+    import dlm.constraints.regular as regular
+
+    if request.param == "sparse":
+        monkeypatch.setattr(regular, "DENSE_SUCC_MAX_STATES", 0)
+        monkeypatch.setattr(regular, "POW_MAX_STATES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("make", [random_dfa, twin_dfa])
 @pytest.mark.parametrize("seed", range(40))
-def test_dp_equals_brute_force(seed, make):
+def test_dp_equals_brute_force(seed, make, reach):
     rng = random.Random(seed)
     dfa = make(rng)
+    assert (dfa.succ is None) == (reach == "sparse")
     n = rng.randint(1, 6)
     slots = [MASK if rng.random() < 0.7 else rng.choice([0, 2, 3, 4, EOS]) for _ in range(n)]
     open_slots = [i for i, t in enumerate(slots) if t == MASK]
@@ -122,7 +134,7 @@ def test_token_classes_pick_each_class_best_token():
 
 @pytest.mark.parametrize("make", [random_dfa, twin_dfa])
 @pytest.mark.parametrize("seed", range(25))
-def test_allowed_sets_equal_brute_force(seed, make):
+def test_allowed_sets_equal_brute_force(seed, make, reach):
     rng = random.Random(100 + seed)
     dfa = make(rng)
     n = rng.randint(1, 6)

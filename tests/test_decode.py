@@ -573,3 +573,33 @@ def test_output_reuse_when_nothing_changed():
     st = res.stats
     assert 0 <= st["forward_s"] <= st["wall_s"] and st["other_s"] == pytest.approx(st["wall_s"] - st["forward_s"])
     assert st["tokens_per_forward"] == pytest.approx(8 / st["nfe"])
+
+
+@pytest.mark.parametrize("objective,block", [("mdlm", None), ("bd3lm", 4)])
+def test_a_request_whose_forward_fails_fails_alone(objective, block):
+    """The batched forward raises when one request's canvas holds a poisoned token: the decoder
+    runs each request alone, that one finishes with finish_reason "error" and its exception,
+    the others decode exactly as without it."""
+    model = real_model(objective, block)
+    poison = 17
+
+    class Poisoned(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, *a, **kw):
+            if bool((input_ids == poison).any()):
+                raise RuntimeError("poisoned canvas")
+            return self.inner(input_ids, *a, **kw)
+
+    cfg = DecodeConfig(max_new_tokens=8, unmask="threshold", threshold=0.5,
+                       cache="exact" if block else "none")
+    good = [[5, 6], [7, 8, 9]]
+    alone = Decoder(model).generate(good, cfg)
+    res = Decoder(Poisoned(model)).generate([good[0], [4, poison], good[1]], cfg, seeds=[0, 1, 1],
+                                            raise_errors=False)
+    assert res[1].finish_reason == "error" and "poisoned" in str(res[1].error) and res[1].tokens == []
+    assert [res[0].tokens, res[2].tokens] == [alone[0].tokens, alone[1].tokens]
+    with pytest.raises(RuntimeError, match="poisoned"):
+        Decoder(Poisoned(model)).generate([[4, poison]], cfg)

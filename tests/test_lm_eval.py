@@ -174,3 +174,21 @@ def test_generate_until_stops_at_until_strings():
     stop = free[2]
     cut = m.generate_until([SimpleNamespace(args=("hello", {"until": [stop], "max_gen_toks": 8}))])[0]
     assert cut == free[: free.index(stop)]
+
+
+def test_dlm_eval_passes_lm_evals_subcommands_and_flags_through():
+    """`dlm eval` is lm-eval's CLI with the dlm model and tasks added: ls and validate see dlm's
+    offline tasks, run --help lists lm-eval's own flags, and the help says why `lm_eval --model
+    dlm` cannot work (no plugin hook for models)."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dlm.cli", "eval", *args], capture_output=True, text=True,
+                              env=child_env(), timeout=300)
+
+    r = cli("ls", "tasks")
+    assert r.returncode == 0 and "dlm_add_mc" in r.stdout and "dlm_tasks" in r.stdout
+    r = cli("validate", "--tasks", "dlm_add_mc,dlm_add")
+    assert r.returncode == 0 and "valid" in (r.stdout + r.stderr)
+    r = cli("run", "--help")
+    assert r.returncode == 0 and "--log_samples" in r.stdout and "--include_path" in r.stdout
+    r = cli("--help")
+    assert "plugin hook" in r.stdout and "dlm eval ls tasks" in r.stdout

@@ -71,7 +71,7 @@ class Server:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
-        self.app.state.scheduler.close()
+        self.app.state.close()
 
 
 @pytest.fixture(scope="module")

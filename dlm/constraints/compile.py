@@ -1,6 +1,6 @@
 """From a `Constraint` to an engine for one tokenizer: bounded, cached, never on a serving path.
 
-    compiler = ConstraintCompiler(tokenizer, vocab_size, eos_id, limits=CompileLimits(timeout_s=2))
+    compiler = ConstraintCompiler(tokenizer, vocab_size, eos_id, limits=CompileLimits(timeout_s=1))
     compiled = compiler.compile(Constraint.json_schema(schema))   # thread-safe; cached by content
 
 Routing. Regular constraints (regex, choices, JSON Schemas that outlines-core translates exactly)
@@ -38,9 +38,9 @@ from dlm.errors import DLMError
 class CompileLimits:
     """Budgets of one compile (`dlm serve --constraint-*` flags)."""
 
-    timeout_s: float = 2.0  # building a token DFA; past it the grammar engine takes the constraint
+    timeout_s: float = 1.0  # building a token DFA; past it the grammar engine takes the constraint
     max_dfa_mb: float = 64.0  # a token DFA's dense table (states x vocabulary x 4 bytes)
-    max_regex_size: int = 20_000  # expanded regex size above which no DFA is attempted
+    max_regex_size: int = 8_000  # expanded regex size above which no DFA is attempted (builds take seconds)
     cache_mb: float = 1024.0  # compiled constraints kept, in all
 
 
@@ -264,12 +264,25 @@ class ConstraintCompiler:
 
     def _engine(self, grammar: str, constraint: Constraint, prefix: str = "") -> GrammarEngine:
         try:
-            return GrammarEngine(grammar, self._lltokenizer(), self.vocab_size, self.eos_id, constraint.describe())
+            return GrammarEngine(grammar, self._lltokenizer(), self.vocab_size, self.eos_id, constraint.describe(),
+                                 closing_tokens(self.bytes))
         except DLMError as e:
             raise ConstraintError(f"{prefix}: {_short(str(e))}" if prefix else _short(str(e))) from None
 
 
 S_WHITESPACE = r"[ ]?"  # between JSON tokens: compact output, a small DFA
+
+
+# Single characters in the order a closing search tries them: what ends strings, objects, lists
+# and calls first, then separators, digits (a short value), letters, the rest.
+_CLOSE_ORDER = '"}])>\'.,:;0123456789' + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ -_/+#@!?*&%$=^|~`<({["
+
+
+def closing_tokens(table: Sequence[Optional[bytes]]) -> list[tuple[int, str]]:
+    """(token id, character) of single printable characters, in _CLOSE_ORDER (for
+    GrammarEngine.close_path)."""
+    ids = {b.decode(): i for i, b in enumerate(table) if b is not None and len(b) == 1 and 32 <= b[0] < 127}
+    return [(ids[c], c) for c in _CLOSE_ORDER if c in ids]
 
 
 def _limits():

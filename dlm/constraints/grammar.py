@@ -34,10 +34,14 @@ def parser_limits():
 class GrammarEngine:
     """A grammar (llguidance's format: Lark, or compiled from a JSON Schema) for one tokenizer."""
 
-    def __init__(self, grammar: str, lltok, vocab_size: int, eos_id: int, describe: str):
+    def __init__(self, grammar: str, lltok, vocab_size: int, eos_id: int, describe: str,
+                 closing: Sequence[int] = ()):
         from llguidance import LLMatcher
 
         self.grammar, self.lltok, self.vocab_size, self.eos_id = grammar, lltok, vocab_size, eos_id
+        # single-character tokens, closing punctuation first, with their kind
+        self.closing = [(t, "digit" if c.isdigit() else "lower" if c.islower() else "upper" if c.isupper() else "punct")
+                        for t, c in closing]
         m = LLMatcher(lltok, grammar, log_level=0, limits=parser_limits())
         if m.is_error():
             raise DLMError(f"the constraint ({describe}) does not compile: {m.get_error()}")
@@ -73,6 +77,51 @@ class GrammarEngine:
                 m.rollback(1)
         return out
 
+    def close_path(self, m, max_len: int, branch: int = 3, budget: int = 300) -> Optional[list[int]]:
+        """A short token sequence after which the grammar accepts (at most `max_len` tokens), by
+        iterative deepening over single-character tokens (closing punctuation first, `branch` per
+        step, `budget` matcher steps in all); None if none is found. The matcher is left as it was."""
+        if m.is_accepting():
+            return []
+        spent = 0
+        for depth in range(1, max_len + 1):
+            path: list[int] = []
+            stack = [self._closing_options(m, branch)]
+            while stack:
+                if not stack[-1] or spent > budget:
+                    stack.pop()
+                    if path:
+                        path.pop()
+                        m.rollback(1)
+                    continue
+                t = stack[-1].pop(0)
+                spent += 1
+                if not m.consume_token(t):
+                    continue
+                path.append(t)
+                if m.is_accepting():
+                    m.rollback(len(path))
+                    return path
+                if len(path) < depth:
+                    stack.append(self._closing_options(m, branch))
+                else:
+                    path.pop()
+                    m.rollback(1)
+            if spent > budget:
+                return None
+        return None
+
+    def _closing_options(self, m, branch: int) -> list[int]:
+        """Up to `branch` allowed punctuation characters, then one digit, one lower-case and one
+        upper-case letter (a unit, a keyword's first letter): few options, of different kinds."""
+        allowed = self.allowed(m)
+        out, kinds = [], set()
+        for t, kind in self.closing:
+            if allowed[t] and (kind == "punct" and len(out) < branch or kind != "punct" and kind not in kinds):
+                out.append(t)
+                kinds.add(kind)
+        return out
+
     def accepts(self, tokens: Sequence[int]) -> bool:
         m = self.matcher()
         for t in tokens:
@@ -85,7 +134,10 @@ class GrammarEngine:
     def _candidates(self, m, i: int, n: int, prefs, prior, width: int, close_window: int) -> list[int]:
         """The tokens to try at open slot i, best first: EOS where the grammar accepts and no
         scores are known (or near the end), then (in the last `close_window` slots) tokens after
-        which the grammar accepts, then the best-scored allowed tokens."""
+        which the grammar accepts, then the best-scored allowed tokens. close_window < 0: the
+        shortest way to an accepted output first (see _closing_first)."""
+        if close_window < 0:
+            return self._closing_first(m, prefs.get(i) if prefs.get(i) is not None else prior)
         allowed = self.allowed(m)
         accepting = m.is_accepting()
         score = prefs.get(i)
@@ -95,6 +147,10 @@ class GrammarEngine:
             cands.append(self.eos_id)
         if left <= close_window:  # running out of room: first the tokens that close the output
             cands += [c for c in self._closers(m, allowed, score if score is not None else prior) if c not in cands]
+            if not accepting and left <= 12:  # and the start of a short way to close it
+                path = self.close_path(m, min(left, 6))
+                if path:
+                    cands += [path[0]] if path[0] not in cands else []
         ranked = score if score is not None else prior
         if ranked is not None:
             s = ranked.double().masked_fill(~allowed, float("-inf"))
@@ -105,6 +161,22 @@ class GrammarEngine:
             cands += [c for c in top if s[c] > float("-inf") and c not in cands]
         else:
             cands += [c for c in allowed.nonzero(as_tuple=True)[0][:width].tolist() if c not in cands]
+        return cands
+
+    def _closing_first(self, m, ranked: Optional[torch.Tensor]) -> list[int]:
+        """Candidates that head for the shortest accepted output, whatever the scores: EOS where
+        the grammar accepts, the token the grammar forces (a required key), closing punctuation,
+        a digit, a letter; the best-scored allowed token last."""
+        cands = [self.eos_id] if m.is_accepting() else []
+        ff = m.compute_ff_tokens()
+        if ff:
+            cands.append(ff[0])
+        cands += [t for t in self._closing_options(m, 3) if t not in cands]
+        if ranked is not None:
+            s = ranked.double().masked_fill(~self.allowed(m), float("-inf"))
+            best = int(s.argmax())
+            if s[best] > float("-inf") and best not in cands:
+                cands.append(best)
         return cands
 
     def _search(self, slots: Sequence[int], mask_id: int, prefs: dict[int, torch.Tensor],
@@ -182,9 +254,8 @@ class GrammarEngine:
                 prior: Optional[torch.Tensor], budget: int = 3000, width: int = 3) -> Optional[list[int]]:
         """A concrete valid completion of `slots` (MASK: one unknown token each), or None.
         First a search that follows the model (closing only in the last slots); if that fails,
-        one that closes the output as early as it can (short witnesses fit any budget)."""
-        n = len(slots)
-        for window in (6, n):
+        one that heads for the shortest accepted output (short witnesses fit any budget)."""
+        for window in (6, -1):
             w = self._search(slots, mask_id, prefs, prior, budget // 2, width, window)
             if w is not None:
                 return w
@@ -205,11 +276,9 @@ class GrammarSession:
         return None
 
     def begin(self, slots: list[int]) -> None:
-        """Find a first witness now: a constraint no output of n tokens satisfies fails here,
-        before any decoding (and the first step starts from this witness)."""
-        self.witness = self.engine.witness(slots, self.mask_id, {}, None)
-        if self.witness is None:
-            raise ConstraintUnsatisfiable(self._unsatisfiable())
+        """Nothing to check up front: the first witness is searched with the model's scores at
+        the first commit (an unguided search fails on constraints a guided one meets easily); a
+        constraint no output fits then fails its request alone."""
 
     def _unsatisfiable(self) -> str:
         return (f"no output of {self.n} tokens satisfies the constraint {self.describe} (or none was found "

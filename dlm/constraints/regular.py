@@ -22,6 +22,7 @@ import torch
 
 PREPARED_RUN = 32  # reachability over runs of open slots up to this length is built at compile time
 POW_MAX_STATES = 512  # above this the per-slot steps are cheaper than S^3 reachability products
+DENSE_SUCC_MAX_STATES = 2048  # above this one-token reachability stays an edge list (S^2 bytes otherwise)
 
 
 class _TokenClasses(NamedTuple):
@@ -76,12 +77,15 @@ class TokenDFA:
         self.table, self.accepting = table, accepting
         self.initial = int(np.searchsorted(states, initial))
         self.vocab_size, self.eos_id, self.num_states = vocab_size, eos_id, S
-        # one-token reachability (for [MASK] slots): successor matrix and its edge list
+        # one-token reachability (for [MASK] slots): the edge list, and for small automata the
+        # dense successor matrix (faster per step; S^2 bytes)
         s_idx, t_idx = np.nonzero(table != self.dead)
         pairs = np.unique(s_idx.astype(np.int64) * S + table[s_idx, t_idx])
         self.edge_src, self.edge_dst = pairs // S, pairs % S
-        self.succ = np.zeros((S, S), dtype=bool)
-        self.succ[self.edge_src, self.edge_dst] = True
+        self.succ = None
+        if S <= DENSE_SUCC_MAX_STATES:
+            self.succ = np.zeros((S, S), dtype=bool)
+            self.succ[self.edge_src, self.edge_dst] = True
         self.dist = self._distances()
         self._memo_d: dict = {}
         self._memo_cap = max(256, 1_000_000 // S)  # about 2 MB of sets per automaton
@@ -96,7 +100,8 @@ class TokenDFA:
         """Memory held by the automaton (the compile cache is bounded by this)."""
         k = self._classes()
         pows = sum(p.nbytes for p in (self._pows or [])[1:] if p is not None)
-        return self.table.nbytes + self.succ.nbytes + k.table.nbytes + 3 * k.cls_of.nbytes + pows + 2 * 1_000_000
+        succ = self.succ.nbytes if self.succ is not None else 16 * len(self.edge_src)
+        return self.table.nbytes + succ + k.table.nbytes + 3 * k.cls_of.nbytes + pows + 2 * 1_000_000
 
     def _distances(self) -> np.ndarray:
         S = self.num_states
@@ -211,7 +216,10 @@ class TokenDFA:
         n = memo.get(key)
         if n is None:
             f = self._set(fb)
-            if tok == mask_id:
+            if tok == mask_id and m == 1 and self.succ is None:
+                a = np.zeros_like(f)
+                a[self.edge_dst[f[self.edge_src]]] = True
+            elif tok == mask_id:
                 a = (self._pow(m) if m > 1 else self.succ)[f].any(0)
             else:
                 a = np.zeros_like(f)
@@ -227,7 +235,10 @@ class TokenDFA:
         n = memo.get(key)
         if n is None:
             g = self._set(gb)
-            if tok == mask_id:
+            if tok == mask_id and m == 1 and self.succ is None:
+                a = np.zeros_like(g)
+                a[self.edge_src[g[self.edge_dst]]] = True
+            elif tok == mask_id:
                 a = (self._pow(m) if m > 1 else self.succ)[:, g].any(1)
             else:
                 a = g[self.table[:, tok]]
@@ -376,8 +387,11 @@ class TokenDFA:
                     tk[dst[first]] = toks[first % len(toks)]
                 back[i] = (src, tk)
             elif tok == mask_id:
-                if on.size:
+                if on.size and succ is not None:
                     nw = np.where(succ[on], w[on, None], ninf).max(0)
+                elif on.size:
+                    live = np.isfinite(w[self.edge_src])
+                    np.maximum.at(nw, self.edge_dst[live], w[self.edge_src[live]])
             else:
                 np.maximum.at(nw, t[on, tok], w[on])
             nw[self.dead] = ninf
@@ -397,7 +411,13 @@ class TokenDFA:
             if m > 1:
                 into_q = self._pow(m)[:, q]
             else:
-                into_q = succ[:, q] if slots[i] == mask_id else t[:, slots[i]] == q
+                if slots[i] != mask_id:
+                    into_q = t[:, slots[i]] == q
+                elif succ is not None:
+                    into_q = succ[:, q]
+                else:
+                    into_q = np.zeros(S, dtype=bool)
+                    into_q[self.edge_src[self.edge_dst == q]] = True
             q = int(np.where(into_q, before[r], ninf).argmax())
         return choice, total
 

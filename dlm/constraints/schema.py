@@ -58,26 +58,36 @@ TYPE_KEYWORDS["integer"] = TYPE_KEYWORDS["number"]
 TYPED = set().union(*TYPE_KEYWORDS.values())
 ALL_TYPES = ("string", "number", "integer", "boolean", "null", "array", "object")
 
-# Formats llguidance enforces; the others get a pattern whose strings are all valid in that format
-# (checked against jsonschema's format checker in the tests).
-ENGINE_FORMATS = {"date-time", "date", "time", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uuid"}
+# Formats: llguidance enforces these itself (its values pass jsonschema's format checker: tested);
+# the others become a pattern or format whose values all pass the checker (ASCII digits, days
+# 01-28, an explicit offset: the engines' own date formats admit Unicode digits and 2024-02-31).
+ENGINE_FORMATS = {"email", "hostname", "ipv4", "ipv6", "uri", "duration"}
+_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+_TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 FORMAT_SUBSET = {
+    "date": {"pattern": f"^{_DATE}$"},
+    "time": {"pattern": f"^{_TIME}$"},
+    "date-time": {"pattern": f"^{_DATE}T{_TIME}$"},
+    "uuid": {"pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"},
     "idn-email": {"format": "email"},
     "idn-hostname": {"format": "hostname"},
     "uri-reference": {"format": "uri"},
     "iri": {"format": "uri"},
     "iri-reference": {"format": "uri"},
-    "json-pointer": {"pattern": "^(/([^/~\"\\\\]|~[01])*)*$"},
-    "relative-json-pointer": {"pattern": "^(0|[1-9][0-9]*)(#|(/([^/~\"\\\\]|~[01])*)*)$"},
+    "json-pointer": {"pattern": "^(/([A-Za-z0-9_.-]|~[01])*)*$"},
+    "relative-json-pointer": {"pattern": "^(0|[1-9][0-9]*)(#|(/([A-Za-z0-9_.-]|~[01])*)*)$"},
     "uri-template": {"pattern": "^[A-Za-z0-9._~:/?#@!$&()*+,;=-]*$"},
     "regex": {"pattern": "^[A-Za-z0-9 ]*$"},
     "color": {"pattern": "^#[0-9a-f]{6}$"},
 }
-# formats outlines-core's regex translation writes (others send a schema to llguidance)
-REGULAR_FORMATS = {"date-time", "date", "time", "uuid"}
+# formats outlines-core's regex translation writes exactly: none (its date / time classes admit
+# Unicode digits), so a schema with a format left goes to llguidance
+REGULAR_FORMATS: set = set()
 # keywords outlines-core's regex translation enforces exactly (others send a schema to llguidance)
+# (not `pattern`: outlines-core writes it into the JSON string as it is, so its `.` or `[^a]` can
+# produce a raw quote or control character; llguidance confines it to valid string content)
 REGULAR_KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                    "enum", "const", "anyOf", "$ref", "$defs", "definitions", "minLength", "maxLength", "pattern",
+                    "enum", "const", "anyOf", "$ref", "$defs", "definitions", "minLength", "maxLength",
                     "format", "title", "description", "default", "examples", "$schema", "$id", "id", "$comment",
                     "deprecated", "readOnly", "writeOnly"}
 MAX_ENUM_RANGE = 1000
@@ -146,6 +156,14 @@ def _rewrite(node, approx: list[str], old_refs: bool):
         node["items"] = [walk(sub) for sub in node["items"]]
     _prune_by_type(node)
     _formats(node)
+    if isinstance(node.get("pattern"), str):
+        node["pattern"] = anchored(node["pattern"])
+    if "if" in node or "then" in node or "else" in node:
+        _conditional(node)
+    if "dependencies" in node or "dependentRequired" in node or "dependentSchemas" in node:
+        _dependencies(node)
+    if isinstance(node.get("oneOf"), list):
+        _one_of_with_any(node)
     if "not" in node:
         _rewrite_not(node, approx)
     if "minProperties" in node or "maxProperties" in node:
@@ -159,6 +177,18 @@ def _rewrite(node, approx: list[str], old_refs: bool):
     elif "uniqueItems" in node:
         del node["uniqueItems"]
     return node
+
+
+def anchored(pattern: str) -> str:
+    """A JSON Schema pattern matches anywhere in the string; the engines generate whole strings
+    that match it (stricter: such a string contains a match), which they do far more directly
+    than `.*p.*`. Patterns with anchors inside are left alone."""
+    core = pattern[1:] if pattern.startswith("^") else pattern
+    if core.endswith("$") and not core.endswith("\\$"):
+        core = core[:-1]
+    if "^" in core.replace("[^", "").replace("\\^", "") or "$" in core.replace("\\$", ""):
+        return pattern
+    return f"^(?:{core})$"
 
 
 def _types(node) -> Optional[list[str]]:
@@ -195,6 +225,59 @@ def _formats(node: dict) -> None:
         node["allOf"] = [*node.get("allOf", []), {"pattern": sub["pattern"]}]
 
 
+def _conditional(node: dict) -> None:
+    """if / then / else -> allOf [if, then]: values that meet the condition and its consequence
+    satisfy the whole (stricter: the else-branch is never taken)."""
+    cond, then = node.pop("if", True), node.pop("then", True)
+    node.pop("else", None)
+    if cond is not True or then is not True:
+        node["allOf"] = [*node.get("allOf", []), *[x for x in (cond, then) if x is not True]]
+
+
+def _dependencies(node: dict) -> None:
+    """Property dependencies -> always required; schema dependencies -> always applied. Both
+    stricter than "when the property is present", never looser."""
+    deps = {}
+    for k in ("dependencies", "dependentRequired", "dependentSchemas"):
+        if isinstance(node.get(k), dict):
+            deps.update(node.pop(k))
+        else:
+            node.pop(k, None)
+    required = list(node.get("required") or [])
+    for name, sub in deps.items():
+        if isinstance(sub, list):
+            required += [r for r in sub if isinstance(r, str) and r not in required]
+        elif sub is False:  # the property may not be present at all
+            if name in required:
+                raise _Unsatisfiable()
+            node["properties"] = {**(node.get("properties") or {}), name: False}
+        elif isinstance(sub, dict):
+            node["allOf"] = [*node.get("allOf", []), sub]
+    if required:
+        node["required"] = required
+
+
+def _one_of_with_any(node: dict) -> None:
+    """oneOf with a branch every value satisfies (often one whose keywords were all unknown,
+    like {"instanceof": "RegExp"}): exactly one branch holds iff no other branch does."""
+    def anything(b):
+        return b is True or (isinstance(b, dict) and not set(b) - ANNOTATIONS)
+
+    branches = node["oneOf"]
+    trivial = [b for b in branches if anything(b)]
+    if not trivial:
+        return
+    if len(trivial) > 1:
+        raise _Unsatisfiable()  # two branches always hold: never exactly one
+    others = [b for b in branches if not anything(b)]
+    trial = {k: v for k, v in node.items() if k != "oneOf"}
+    if not others:
+        node.pop("oneOf")
+    elif all(isinstance(b, dict) for b in others) and _negate(trial, {"anyOf": others}):
+        node.clear()
+        node.update(trial)
+
+
 def _rewrite_not(node: dict, approx: list[str]) -> None:
     """Replace node["not"] by an equivalent (or stricter) positive form, else mark it approximate."""
     neg = node.pop("not")
@@ -208,17 +291,23 @@ def _rewrite_not(node: dict, approx: list[str]) -> None:
 
 def _negate(node: dict, neg: dict) -> bool:
     """Make `node` exclude what `neg` accepts; True when done exactly (or more strictly)."""
-    keys = set(neg) - {"title", "description", "$comment", "default", "examples"}
-    if keys == {"type"} and _types(neg) is not None:
+    keys = set(neg) - ANNOTATIONS
+    if not keys:
+        raise _Unsatisfiable()  # not {}: nothing
+    if "type" in keys and _types(neg) is not None:
         banned = set(_types(neg))
         if "number" in banned:
             banned.add("integer")
         have = _types(node) or list(ALL_TYPES)
+        rest = {k: v for k, v in neg.items() if k not in ANNOTATIONS and k != "type"}
+        if rest and set(have) <= banned:  # every value has that type: not (T and R) = not R
+            return _negate(node, rest)
         if "integer" in banned and "number" in have and "number" not in banned:
             return False  # numbers that are not integers: no positive form
         left = [t for t in have if t not in banned]
         if not left:
             raise _Unsatisfiable()
+        # not (T and R) includes not T: leaving out T's types is exact for `type` alone, stricter otherwise
         node["type"] = left if len(left) > 1 else left[0]
         _prune_by_type(node)
         return True
