@@ -149,8 +149,13 @@ def cmd_ppl(args) -> None:
                      max_batches=args.max_batches, progress=sys.stderr.isatty())
     res.update(model=args.model, objective=model.config.objective, data=args.data, split=args.split, seq_len=seq_len)
     kind = "NELBO bound" if res["bound"] else "exact"
+    err = ""
+    if res["bound"] and res["nll_se"] is not None:
+        err = f", 95% Monte Carlo interval {res['ppl_low']:.3f} to {res['ppl_high']:.3f}"
+    elif res["bound"]:
+        err = ", no error estimate with one draw: use --mc-samples 2 or more"
     print(f"{model.config.objective}: perplexity {res['ppl']:.3f} ({kind}, {res['tokens']} tokens, "
-          f"{res['mc_samples']} MC sample(s))", file=sys.stderr)
+          f"{res['mc_samples']} MC sample(s){err})", file=sys.stderr)
     print(json.dumps(res))
 
 

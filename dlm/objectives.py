@@ -56,6 +56,7 @@ class LossOutput:
     loss: torch.Tensor  # differentiable scalar: weighted NLL summed over scored tokens / n_tokens
     nll_sum: torch.Tensor  # detached float64 sum of weighted NLLs (nats)
     n_tokens: torch.Tensor  # number of scored tokens
+    nll_rows: Optional[torch.Tensor] = None  # detached float64 (B,): each sequence's share of nll_sum
 
 
 def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -99,12 +100,17 @@ class Objective:
         raise NotImplementedError
 
     @staticmethod
-    def _finish(nll: torch.Tensor, n_tokens: torch.Tensor) -> LossOutput:
+    def _finish(nll: torch.Tensor, n_tokens: torch.Tensor, where: torch.Tensor) -> LossOutput:
+        """nll: the weighted NLL of each entry of the boolean (B, L) `where` (row-major)."""
         total = nll.sum()
+        rows = where.nonzero(as_tuple=True)[0]
+        per_row = torch.zeros(where.shape[0], dtype=torch.float64, device=nll.device)
+        per_row.index_add_(0, rows, nll.detach().double())
         return LossOutput(
             loss=total / n_tokens.clamp(min=1),
             nll_sum=total.detach().double(),
             n_tokens=n_tokens.detach(),
+            nll_rows=per_row,
         )
 
 
@@ -138,7 +144,7 @@ class MDLM(Objective):
         logits = model(xt, attention_mask=attention_mask, sigma=sigma, output_positions=masked).logits
         weight = self.schedule.loss_weight(t)[:, None].expand_as(masked)[masked]
         nll = masked_nll(logits, input_ids[masked], self.mask_id) * weight
-        return self._finish(nll, scored.sum())
+        return self._finish(nll, scored.sum(), masked)
 
 
 class RADD(Objective):
@@ -178,7 +184,7 @@ class RADD(Objective):
         xt = mask_tokens(input_ids, masked, self.mask_id)
         logits = model(xt, attention_mask=attention_mask, output_positions=masked).logits
         nll = masked_nll(logits, input_ids[masked], self.mask_id) * weight.expand_as(masked)[masked]
-        return self._finish(nll, scored.sum())
+        return self._finish(nll, scored.sum(), masked)
 
 
 class AR(Objective):
@@ -194,7 +200,7 @@ class AR(Objective):
         predict_from[:, :-1] = scored[:, 1:]
         logits = model(input_ids, attention_mask=attention_mask, is_causal=True, output_positions=predict_from).logits
         nll = masked_nll(logits, input_ids[scored], None)
-        return self._finish(nll, scored.sum())
+        return self._finish(nll, scored.sum(), scored)
 
 
 class BD3LM(MDLM):
@@ -246,8 +252,8 @@ class BD3LM(MDLM):
                      attn_mask=mask, output_positions=out_pos).logits
 
     def loss(self, model, input_ids, attention_mask, noise):
-        nll, _, scored = self.per_token_nll(model, input_ids, attention_mask, noise)
-        return self._finish(nll, scored.sum())
+        nll, masked, scored = self.per_token_nll(model, input_ids, attention_mask, noise)
+        return self._finish(nll, scored.sum(), masked)
 
 
 class E2D2(BD3LM):

@@ -96,6 +96,7 @@ def main(argv=None) -> dict:
         res = perplexity(model, val, batch_size=args.micro_batch, mc_samples=args.mc_samples, seed=args.seed,
                          progress=sys.stderr.isatty())
         rows.append({"model": name, **MODELS[name], "ppl": res["ppl"], "nll": res["nll"], "bound": res["bound"],
+                     "nll_se": res["nll_se"], "ppl_low": res["ppl_low"], "ppl_high": res["ppl_high"],
                      "val_tokens": res["tokens"], "train_tokens_per_s": statistics.median(tps) if tps else None,
                      "train_tokens": args.steps * args.micro_batch * args.seq_len,
                      "params": sum(p.numel() for p in model.parameters()),
@@ -108,21 +109,43 @@ def main(argv=None) -> dict:
     return report
 
 
+def too_close(rows: list[dict]) -> list[tuple[str, str]]:
+    """Pairs of models whose perplexities differ by less than their Monte Carlo error (the
+    difference of per-token NLLs under 1.96 times its standard error): not told apart."""
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1 :]:
+            if a.get("nll_se") is None or b.get("nll_se") is None:
+                continue
+            se = (a["nll_se"] ** 2 + b["nll_se"] ** 2) ** 0.5
+            if abs(a["nll"] - b["nll"]) < 1.96 * se:
+                out.append((a["model"], b["model"]))
+    return out
+
+
 def write_outputs(report: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     rows = report["rows"]
+    report["not_told_apart"] = too_close(rows)
     with open(os.path.join(out_dir, "ppl_table.json"), "w") as f:
         json.dump(report, f, indent=1)
     ar = next((r["ppl"] for r in rows if r["model"] == "AR"), None)
     lines = [f"Command: `{report['command']}`", "",
-             "| model | val. perplexity | kind | / AR | train tokens/s | params | noise window |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | val. perplexity | 95% MC interval | kind | / AR | train tokens/s | params | noise window |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{r['ppl'] / ar:.2f}" if ar else "-"
         tps = f"{r['train_tokens_per_s']:,.0f}" if r["train_tokens_per_s"] else "-"
         win = "-" if not r["noise_window"] else f"[{r['noise_window'][0]}, {r['noise_window'][1]}]"
-        lines.append(f"| {r['model']} | {r['ppl']:.2f} | {'NELBO bound' if r['bound'] else 'exact'} | {rel} | "
-                     f"{tps} | {r['params'] / 1e6:.2f}M | {win} |")
+        ci = "exact" if not r["bound"] else "-" if r.get("ppl_low") is None else \
+            f"{r['ppl_low']:.2f} to {r['ppl_high']:.2f}"
+        lines.append(f"| {r['model']} | {r['ppl']:.2f} | {ci} | {'NELBO bound' if r['bound'] else 'exact'} | "
+                     f"{rel} | {tps} | {r['params'] / 1e6:.2f}M | {win} |")
+    lines += ["", "The NELBO bounds are Monte Carlo estimates (heavy-tailed: a token masked at small t "
+              "weighs 1/t); the interval is 1.96 standard errors over the noise draws."]
+    if report["not_told_apart"]:
+        lines.append("Differ by less than their Monte Carlo error (not told apart by this table): " +
+                     "; ".join(f"{a} vs {b}" for a, b in report["not_told_apart"]) + ".")
     with open(os.path.join(out_dir, "ppl_table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), file=sys.stderr)

@@ -228,6 +228,23 @@ def test_conditionals_and_dependencies_become_stricter_positive_forms():
         S.prepare({"type": "object", "required": ["d"], "dependentSchemas": {"d": False}})
 
 
+def test_refs_into_rewritten_places_keep_their_targets(tok):
+    """A $ref to `#/allOf/0/then/...` must survive the rewriting of if / then (the target is
+    copied to $defs first); contradicting conditionals fall back to the final check."""
+    schema = {"type": "object", "properties": {"a": {"$ref": "#/allOf/0/then/properties/v"}},
+              "allOf": [{"if": {"properties": {"k": {"const": "x"}}}, "then": {"properties": {"v": {"type": "integer"}}}}]}
+    p = S.prepare(schema)
+    assert p.schema["properties"]["a"] == {"$ref": "#/$defs/__dlm_ref_0"}
+    assert p.schema["$defs"]["__dlm_ref_0"] == {"type": "integer"}
+    compiled = compiler_for(tok).compile(Constraint.json_schema(schema))
+    assert compiled.check(tok.encode('{"a":5}')) is None and compiled.check(tok.encode('{"a":"s"}')) is not None
+    union = {"type": "object", "properties": {"kind": {"enum": ["a", "b"]}}, "required": ["kind"],
+             "allOf": [{"if": {"properties": {"kind": {"const": "a"}}}, "then": {"required": ["x"]}},
+                       {"if": {"properties": {"kind": {"const": "b"}}}, "then": {"required": ["y"]}}]}
+    compiled = compiler_for(tok).compile(Constraint.json_schema(union))  # kind = a and kind = b: no
+    assert set(compiled.approximate) >= {"if", "then"}
+
+
 def test_ref_siblings_follow_the_draft():
     defs = {"definitions": {"n": {"type": "integer"}}}
     old = S.prepare({"$schema": "http://json-schema.org/draft-07/schema#", **defs, "$ref": "#/definitions/n",

@@ -20,10 +20,19 @@ def test_ppl_table_smoke(tmp_path, small_corpus):
     assert len({r["train_tokens"] for r in rows.values()}) == 1
     assert json.load(open(out / "ppl_table.json"))["rows"]
     assert "| AR |" in (out / "ppl_table.md").read_text()
+    assert "95% MC interval" in (out / "ppl_table.md").read_text()
     assert (out / "ppl_table.png").stat().st_size > 1000
     # a second run reuses the trained models
     again = main(argv)
     assert [r["ppl"] for r in again["rows"]] == pytest.approx([r["ppl"] for r in report["rows"]])
+
+
+def test_ppl_table_says_which_models_it_cannot_tell_apart():
+    from dlm.evals.ppl_table import too_close
+
+    rows = [{"model": "A", "nll": 3.00, "nll_se": 0.02}, {"model": "B", "nll": 3.03, "nll_se": 0.02},
+            {"model": "C", "nll": 3.50, "nll_se": 0.02}, {"model": "AR", "nll": 2.9, "nll_se": 0.0}]
+    assert too_close(rows) == [("A", "B")]  # 0.03 < 1.96 * 0.028; C and AR are far apart
 
 
 def test_ppl_table_rejects_unknown_models():

@@ -217,13 +217,29 @@ class ConstraintCompiler:
                             return CompiledConstraint(constraint, dfa=self._dfa(source), route="dfa")
                         except BuildFailed as e:
                             route = f"grammar ({e.reason})"
+        try:
+            grammar, approx = self._json_grammar(prepared)
+        except ConstraintError as e:
+            if "nsatisfiable" not in str(e):
+                raise
+            # the unconditional forms of if / then / else or dependencies contradict each other:
+            # leave those to the final check
+            grammar, approx = self._json_grammar(S.prepare(constraint.schema, strict=False))
+        engine = self._engine(grammar, constraint, prefix="unsupported JSON schema")
+        return CompiledConstraint(constraint, engine=engine, approximate=sorted(set(approx)), route=route)
+
+    def _json_grammar(self, prepared) -> tuple[str, list[str]]:
+        """llguidance's grammar for a prepared schema, and what it enforces only approximately
+        (overlapping oneOf branches as anyOf; keywords it does not implement)."""
+        from llguidance import LLMatcher
+
         approx = list(prepared.approximate)
         options = {"whitespace_flexible": False}
         for _ in range(3):
             grammar = LLMatcher.grammar_from_json_schema(prepared.schema, defaults=options)
             is_error, msgs = LLMatcher.validate_grammar_with_warnings(grammar, self._lltokenizer(), limits=_limits())
             if not is_error:
-                break
+                return grammar, approx
             err = msgs[0] if msgs else "unknown error"
             if "oneOf" in err and "coerce_one_of" in err and not options.get("coerce_one_of"):
                 options["coerce_one_of"] = True  # overlapping branches: anyOf, then the final check
@@ -235,8 +251,7 @@ class ConstraintCompiler:
                 approx += [k.strip().strip('"') for k in keys.group(1).split(",")]
                 continue
             raise ConstraintError(f"unsupported JSON schema: {_short(err)}")
-        engine = self._engine(grammar, constraint, prefix="unsupported JSON schema")
-        return CompiledConstraint(constraint, engine=engine, approximate=sorted(set(approx)), route=route)
+        raise ConstraintError("unsupported JSON schema")
 
     # ---------------------------------------------------------- engines
     def _pool(self):

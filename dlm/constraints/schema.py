@@ -106,41 +106,105 @@ class Prepared:
     approximate: list[str] = field(default_factory=list)  # keywords decoding does not enforce exactly
 
 
-def prepare(schema: Optional[dict]) -> Prepared:
-    """The schema the engines compile (see the module docstring)."""
+@dataclass
+class _Ctx:
+    approx: list[str]
+    old_refs: bool  # drafts 3 to 7: the siblings of $ref are ignored
+    strict: bool  # conditionals and dependencies as stricter positive forms (else: approximate)
+
+
+def prepare(schema: Optional[dict], strict: bool = True) -> Prepared:
+    """The schema the engines compile (see the module docstring). `strict=False`: if / then /
+    else and dependencies are left to the final check instead of made unconditional (for the
+    schemas where the unconditional forms contradict each other)."""
     if not schema:
         return Prepared({"type": "object"})
-    approx: list[str] = []
-    old_refs = any(f"draft-0{d}" in str(schema.get("$schema", "")) for d in (3, 4, 6, 7))
-    out = _walk(json.loads(json.dumps(schema)), approx, old_refs)
+    ctx = _Ctx([], any(f"draft-0{d}" in str(schema.get("$schema", "")) for d in (3, 4, 6, 7)), strict)
+    out = _walk(relocate_refs(json.loads(json.dumps(schema))), ctx)
     if out is False:
         raise DLMError("no value satisfies this JSON schema (a `not`, `const` or property count excludes everything)")
-    return Prepared(out, sorted(set(approx)))
+    return Prepared(out, sorted(set(ctx.approx)))
 
 
-def _walk(node, approx: list[str], old_refs: bool):
+def relocate_refs(schema: dict) -> dict:
+    """Local $refs into the middle of the schema (`#/allOf/8/then/properties/x`) would break when
+    the rewrites move things: their targets are copied to `$defs` (as they are) and the refs
+    point there. Refs to `#`, `#/$defs/NAME` and `#/definitions/NAME` stay."""
+    if not isinstance(schema, dict):
+        return schema
+    names: dict[str, str] = {}
+    todo: list[str] = []
+
+    def fix(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/") and not _stable_ref(ref):
+                if ref not in names:
+                    names[ref] = f"__dlm_ref_{len(names)}"
+                    todo.append(ref)
+                node["$ref"] = f"#/$defs/{names[ref]}"
+            for v in node.values():
+                fix(v)
+        elif isinstance(node, list):
+            for v in node:
+                fix(v)
+
+    original = json.loads(json.dumps(schema))
+    fix(schema)
+    if not todo:
+        return schema
+    defs = schema.setdefault("$defs", {}) if isinstance(schema.get("$defs", {}), dict) else None
+    while todo and defs is not None:
+        ref = todo.pop()
+        target = _resolve(original, ref)
+        target = json.loads(json.dumps(target)) if target is not None else {}
+        fix(target)
+        defs[names[ref]] = target
+    return schema
+
+
+def _stable_ref(ref: str) -> bool:
+    parts = ref[2:].split("/")
+    return len(parts) == 2 and parts[0] in ("$defs", "definitions")
+
+
+def _resolve(doc, ref: str):
+    node = doc
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _walk(node, ctx: _Ctx):
     """Rewrite one subschema (bottom-up over its subschemas); False when nothing satisfies it."""
     try:
-        return _rewrite(node, approx, old_refs)
+        return _rewrite(node, ctx)
     except _Unsatisfiable:
         return False
 
 
-def _rewrite(node, approx: list[str], old_refs: bool):
+def _rewrite(node, ctx: _Ctx):
     if not isinstance(node, dict):
         return node  # true / false
     node = {k: v for k, v in node.items() if k in KEYWORDS}
     if "$ref" in node:  # annotations beside a $ref say nothing (and llguidance refuses siblings in cycles)
         node = {k: v for k, v in node.items() if k not in ANNOTATIONS}
     if "$ref" in node and set(node) - {"$ref", "$defs", "definitions", "$schema", "$id", "id"}:
-        if old_refs:  # drafts 3 to 7: the siblings of $ref are ignored
+        if ctx.old_refs:  # drafts 3 to 7: the siblings of $ref are ignored
             node = {k: v for k, v in node.items() if k in ("$ref", "$defs", "definitions", "$schema", "$id", "id")}
         else:  # 2019-09 on: they apply beside it
             rest = {k: v for k, v in node.items() if k not in ("$defs", "definitions", "$schema", "$id", "id")}
             node = {k: v for k, v in node.items() if k in ("$defs", "definitions", "$schema", "$id", "id")}
             ref = rest.pop("$ref") if "$ref" in rest else None
             node["allOf"] = [{"$ref": ref}, rest]
-    walk = lambda sub: _walk(sub, approx, old_refs)  # noqa: E731
+    walk = lambda sub: _walk(sub, ctx)  # noqa: E731
+    approx = ctx.approx
     for k in SCHEMA_MAPS:
         if isinstance(node.get(k), dict):
             node[k] = {name: walk(sub) for name, sub in node[k].items()}
@@ -159,9 +223,16 @@ def _rewrite(node, approx: list[str], old_refs: bool):
     if isinstance(node.get("pattern"), str):
         node["pattern"] = anchored(node["pattern"])
     if "if" in node or "then" in node or "else" in node:
-        _conditional(node)
+        if ctx.strict:
+            _conditional(node)
+        else:
+            approx += [k for k in ("if", "then", "else") if node.pop(k, None) is not None]
     if "dependencies" in node or "dependentRequired" in node or "dependentSchemas" in node:
-        _dependencies(node)
+        if ctx.strict:
+            _dependencies(node)
+        else:
+            approx += [k for k in ("dependencies", "dependentRequired", "dependentSchemas")
+                       if node.pop(k, None) is not None]
     if isinstance(node.get("oneOf"), list):
         _one_of_with_any(node)
     if "not" in node:
