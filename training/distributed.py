@@ -8,12 +8,16 @@ goes looking for MPI). Backend: NCCL on CUDA, gloo otherwise.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from dlm.runtime import set_threads
 
 
 @dataclass
@@ -34,7 +38,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup() -> DistInfo:
+def setup(threads: Optional[int] = None) -> DistInfo:
+    """Join (or make) the process group; `threads`: CPU threads of this process (default:
+    dlm.runtime.default_threads for the local ranks)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -49,17 +55,39 @@ def setup() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        # Share the cores among the processes on this host instead of oversubscribing them.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    # Share the cores among the processes on this host instead of oversubscribing them.
+    set_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    _shm_comm(enabled=not cuda and world > 1)
 
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        # DeepSpeed prints a build notice on stdout; keep stdout for results (paths, JSON).
-        with contextlib.redirect_stdout(sys.stderr):
-            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        # DeepSpeed prints build and load notices on stdout, every run: keep stdout for results
+        # (paths, JSON) and show them only if starting fails.
+        notes = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(notes):
+                deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        except BaseException:
+            sys.stderr.write(notes.getvalue())
+            raise
     return DistInfo(rank, world, local_rank, device)
+
+
+def _shm_comm(enabled: bool) -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce (C++, minutes, needs a compiler) when it
+    starts on a CPU. One process has nothing to reduce: it is switched off. Several processes on
+    one host build it once, into this environment's own folder (not the shared
+    ~/.cache/torch_extensions, where two environments would rebuild it in turn)."""
+    if enabled:
+        if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+            os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # filled on first access; the shm op is left out
+    compatible["deepspeed_shm_comm"] = False
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

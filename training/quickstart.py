@@ -28,6 +28,7 @@ def quickstart(args) -> dict:
         data="default", size=args.size, seq_len=128, max_steps=args.max_steps, micro_batch=16, lr=1e-3,
         warmup_steps=min(100, args.max_steps // 10), eval_every=max(50, args.max_steps // 4),
         save_every=args.max_steps, log_every=max(10, args.max_steps // 20), seed=args.seed, vocab_size=2048,
+        threads=getattr(args, "threads", None),
     )
     results = {}
     tok_dir = None
@@ -37,9 +38,9 @@ def quickstart(args) -> dict:
         cfg = TrainConfig(objective=objective, output_dir=run_dir, tokenizer=tok_dir, **common)
         if os.path.isfile(os.path.join(run_dir, "model", "config.json")):
             print("   already trained; reusing it (delete the folder to retrain)", file=sys.stderr)
-        else:
-            cfg = TrainConfig(**{**cfg.to_dict(), "resume": True})
-            train(cfg)
+        else:  # continue an interrupted quickstart from its checkpoint, else start
+            resume = os.path.isdir(os.path.join(run_dir, "checkpoints"))
+            train(TrainConfig(**{**cfg.to_dict(), "resume": resume}))
         tok_dir = os.path.join(out, "mdlm", "tokenizer")  # the AR baseline shares the tokenizer
 
         model = load_model(os.path.join(run_dir, "model")).eval()

@@ -92,8 +92,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
         self.cfg = cfg
-        self.dist = D.setup()
+        self.dist = D.setup(cfg.threads)
         self.stop_requested = False
+        self.stop_signal = signal.SIGINT
         self.out = cfg.output_dir
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
 
@@ -233,18 +234,37 @@ class Trainer:
             if self.stop_requested:  # second Ctrl-C: give up at once
                 raise KeyboardInterrupt
             self.stop_requested = True
+            self.stop_signal = signum
             self.log("\nstop requested: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
 
     def run(self) -> str:
+        """Train, checkpoint and export. A run that fails before its first checkpoint takes back
+        what it wrote into the output directory (the settings file, a tokenizer it trained)."""
+        self._check_output_dir()
+        made = [p for p in (self.out, os.path.join(self.out, "train_config.json"), os.path.join(self.out, "tokenizer"))
+                if not os.path.exists(p)]
+        try:
+            return self._run()
+        except BaseException:
+            if self.dist.is_main and not self.has_checkpoint():
+                for p in reversed(made):
+                    if os.path.isdir(p) and p != self.out:
+                        shutil.rmtree(p, ignore_errors=True)
+                    elif os.path.isfile(p):
+                        os.remove(p)
+                    elif p == self.out and os.path.isdir(p) and not os.listdir(p):
+                        os.rmdir(p)
+            raise
+
+    def _run(self) -> str:
         import deepspeed
 
         from dlm.objectives import make_objective
 
         cfg = self.cfg
-        self._check_output_dir()
         if self.dist.is_main:
             os.makedirs(self.out, exist_ok=True)
             checkpoint.atomic_write_text(os.path.join(self.out, "train_config.json"), json.dumps(cfg.to_dict(), indent=1))
@@ -283,7 +303,7 @@ class Trainer:
 
         W, mb, acc = self.dist.world_size, cfg.micro_batch, cfg.grad_accum
         G = W * mb * acc
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
         self.log(
             f"{cfg.objective} | {n_params / 1e6:.2f}M params | {len(train_ds)} train / {len(val_ds)} val sequences "
             f"of {cfg.seq_len} | global batch {G} ({W} proc x {mb} x {acc} accum) | bf16={use_bf16} zero={ds_cfg['zero_optimization']['stage']}"
@@ -300,6 +320,8 @@ class Trainer:
                 rows = global_rows(step, len(train_ds), G, cfg.seed)
                 noise = objective.draw_noise(G, cfg.seq_len, step_generator(cfg.seed, step))
                 step_loss = 0.0
+                logging_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+                grad_norm = None
                 for a in range(acc):
                     lo = a * W * mb + self.dist.rank * mb
                     batch = train_ds[rows[lo : lo + mb].tolist()]
@@ -309,6 +331,8 @@ class Trainer:
                     micro_noise = {k: v[lo : lo + mb] for k, v in noise.items()}
                     out = objective.loss(engine, ids, am, micro_noise)
                     engine.backward(out.loss)
+                    if logging_step and a == acc - 1 and ds_cfg["zero_optimization"]["stage"] == 0:
+                        grad_norm = _grad_norm(engine.module)  # DeepSpeed reports none at ZeRO 0
                     engine.step()
                     step_loss += out.loss.item() / acc
                 step += 1
@@ -327,7 +351,7 @@ class Trainer:
                         "step": step,
                         "loss": loss_acc / steps_acc,
                         "lr": engine.get_lr()[0],
-                        "grad_norm": _maybe_float(engine.get_global_grad_norm()),
+                        "grad_norm": _maybe_float(engine.get_global_grad_norm()) if grad_norm is None else grad_norm,
                         "tokens_per_s": steps_acc * tokens_per_step / (now - t_last),
                         "tokens_seen": step * tokens_per_step,
                     }
@@ -345,7 +369,7 @@ class Trainer:
                 if self.stop_requested:
                     progress.close()
                     self.log(f"saved checkpoint at step {step}; continue with --resume")
-                    raise SystemExit(130)
+                    raise SystemExit(128 + int(self.stop_signal))  # 130 on Ctrl-C, 143 on SIGTERM
                 if pause:
                     self.log(f"stopped after {cfg.stop_after_steps} steps at step {step}; continue with --resume")
                     return None
@@ -444,6 +468,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             tok.save_pretrained(tmp)
+            _readable(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             self.log(f"exported model to {final}")
@@ -469,6 +494,22 @@ def _convert_objective(model, cfg: TrainConfig) -> None:
     if cfg.objective == "bd3lm":
         mc.attention_backend = cfg.attention_backend
     mc.validate()
+
+
+def _readable(folder: str) -> None:
+    """Files as the umask says (safetensors writes its temporary files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
+
+
+def _grad_norm(module) -> float:
+    """The global L2 norm of the gradients (before clipping), as DeepSpeed reports at ZeRO >= 1."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _maybe_float(x):

@@ -120,10 +120,27 @@ def prepare(schema: Optional[dict], strict: bool = True) -> Prepared:
     if not schema:
         return Prepared({"type": "object"})
     ctx = _Ctx([], any(f"draft-0{d}" in str(schema.get("$schema", "")) for d in (3, 4, 6, 7)), strict)
-    out = _walk(relocate_refs(json.loads(json.dumps(schema))), ctx)
+    out = _walk(relocate_refs(_nested_schema_keys_dropped(json.loads(json.dumps(schema)))), ctx)
     if out is False:
         raise DLMError("no value satisfies this JSON schema (a `not`, `const` or property count excludes everything)")
     return Prepared(out, sorted(set(ctx.approx)))
+
+
+def _nested_schema_keys_dropped(schema: dict) -> dict:
+    """`$schema` below the root (common in schemas assembled from files) says nothing there, and
+    beside a $ref it would count as a sibling."""
+    def drop(node, root=False):
+        if isinstance(node, dict):
+            if not root:
+                node.pop("$schema", None)
+            for v in node.values():
+                drop(v)
+        elif isinstance(node, list):
+            for v in node:
+                drop(v)
+        return node
+
+    return drop(schema, root=True)
 
 
 def relocate_refs(schema: dict) -> dict:
