@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and a same-size AR model, print validation perplexity (NELBO bound vs exact) and "
                                    "a few samples. Offline; no GPU needed. Finished models are reused.")
     q.add_argument("--output-dir", default="runs/quickstart", help="where the models and quickstart.json go")
-    q.add_argument("--max-steps", type=int, default=600, help="training steps of each model")
+    q.add_argument("--max-steps", type=int, default=500, help="training steps of each model")
     q.add_argument("--size", default="tiny", choices=list(PRESETS), help="model size preset")
     q.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initialisation")
     q.set_defaults(func=cmd_quickstart)
