@@ -51,12 +51,13 @@ def quickstart(args) -> dict:
         s = sample(model, prompt, n=3, length=24, steps=24, temperature=0.0 if objective == "ar" else 1.0, seed=0)
         texts = [tok.decode(strip_after_eos(r[1 + len(prompt):], model.config.eos_token_id)) for r in s.tokens.tolist()]
         results[objective] = {"val_ppl": res["ppl"], "bound": res["bound"], "tokens": res["tokens"],
-                              "samples": texts, "nfe": s.nfe}
+                              "ppl_low": res["ppl_low"], "ppl_high": res["ppl_high"], "samples": texts, "nfe": s.nfe}
 
     print("\n== results (validation split of the embedded corpus)", file=sys.stderr)
     for name, r in results.items():
         kind = "NELBO bound" if r["bound"] else "exact"
-        print(f"  {name:5s} perplexity {r['val_ppl']:8.2f} ({kind}, {r['tokens']} tokens)", file=sys.stderr)
+        ci = f", 95% MC interval {r['ppl_low']:.1f}-{r['ppl_high']:.1f}" if r["bound"] and r["ppl_low"] else ""
+        print(f"  {name:5s} perplexity {r['val_ppl']:8.2f} ({kind}{ci}, {r['tokens']} tokens)", file=sys.stderr)
         for t in r["samples"]:
             print(f"        add: 12+30= -> {t!r}", file=sys.stderr)
     with open(os.path.join(out, "quickstart.json"), "w") as f:

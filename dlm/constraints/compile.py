@@ -189,8 +189,23 @@ class ConstraintCompiler:
                     raise ConstraintError(f"cannot compile the {constraint.kind} constraint "
                                           f"{constraint.describe()}: {_short(e.detail)}") from None
                 route = f"grammar ({e.reason})"
-        engine = self._engine(LLMatcher.grammar_from_regex(source), constraint)
+        try:
+            engine = self._engine(LLMatcher.grammar_from_regex(source), constraint)
+        except ConstraintError as e:
+            raise ConstraintError(f"{e}{self._budget_note(route)}") from None
         return CompiledConstraint(constraint, engine=engine, route=route)
+
+    def _budget_note(self, route: str) -> str:
+        """What a budget did before the grammar engine refused, and the flag that raises it."""
+        if "timeout" in route:
+            return (f"; its token automaton also took longer than the {self.limits.timeout_s:g} s budget "
+                    "(dlm serve --constraint-compile-timeout)")
+        if "too_large" in route:
+            return (f"; its token automaton is also larger than the {self.limits.max_dfa_mb:g} MB budget "
+                    "(dlm serve --constraint-max-dfa-mb)")
+        if "memory" in route:
+            return "; its token automaton also ran out of the builder's memory"
+        return ""
 
     def _compile_json(self, constraint: Constraint) -> CompiledConstraint:
         from llguidance import LLMatcher
@@ -199,8 +214,8 @@ class ConstraintCompiler:
 
         prepared = S.prepare(constraint.schema)
         route = "grammar (not regular)"
-        if not prepared.approximate and S.regular_candidate(prepared.schema):
-            schema = S.small_ranges_as_enums(prepared.schema)
+        schema = S.small_ranges_as_enums(prepared.schema)
+        if not prepared.approximate and S.regular_candidate(schema):
             if not S.numeric_bounds(schema):
                 from outlines_core.json_schema import build_regex_from_schema
 
@@ -218,14 +233,17 @@ class ConstraintCompiler:
                         except BuildFailed as e:
                             route = f"grammar ({e.reason})"
         try:
-            grammar, approx = self._json_grammar(prepared)
+            try:
+                grammar, approx = self._json_grammar(prepared)
+            except ConstraintError as e:
+                if "nsatisfiable" not in str(e):
+                    raise
+                # the unconditional forms of if / then / else or dependencies contradict each other:
+                # leave those to the final check
+                grammar, approx = self._json_grammar(S.prepare(constraint.schema, strict=False))
+            engine = self._engine(grammar, constraint, prefix="unsupported JSON schema")
         except ConstraintError as e:
-            if "nsatisfiable" not in str(e):
-                raise
-            # the unconditional forms of if / then / else or dependencies contradict each other:
-            # leave those to the final check
-            grammar, approx = self._json_grammar(S.prepare(constraint.schema, strict=False))
-        engine = self._engine(grammar, constraint, prefix="unsupported JSON schema")
+            raise ConstraintError(f"{e}{self._budget_note(route)}") from None
         return CompiledConstraint(constraint, engine=engine, approximate=sorted(set(approx)), route=route)
 
     def _json_grammar(self, prepared) -> tuple[str, list[str]]:

@@ -84,10 +84,11 @@ FORMAT_SUBSET = {
 # Unicode digits), so a schema with a format left goes to llguidance
 REGULAR_FORMATS: set = set()
 # keywords outlines-core's regex translation enforces exactly (others send a schema to llguidance)
-# (not `pattern`: outlines-core writes it into the JSON string as it is, so its `.` or `[^a]` can
-# produce a raw quote or control character; llguidance confines it to valid string content)
+# (`pattern` only when it cannot produce a quote, backslash or control character: outlines-core
+# writes it into the JSON string as it is, where `.` or `[^a]` would break the JSON; llguidance
+# confines any pattern to valid string content)
 REGULAR_KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                    "enum", "const", "anyOf", "$ref", "$defs", "definitions", "minLength", "maxLength",
+                    "enum", "const", "anyOf", "$ref", "$defs", "definitions", "minLength", "maxLength", "pattern",
                     "format", "title", "description", "default", "examples", "$schema", "$id", "id", "$comment",
                     "deprecated", "readOnly", "writeOnly"}
 MAX_ENUM_RANGE = 1000
@@ -477,6 +478,8 @@ def _regular(node, defs: dict, path: tuple) -> bool:
         return False
     if "format" in node and node["format"] not in REGULAR_FORMATS:
         return False
+    if "pattern" in node and not json_safe_pattern(node["pattern"]):
+        return False
     if "$ref" in node:
         ref = node["$ref"]
         if ref == "#":
@@ -500,6 +503,56 @@ def _regular(node, defs: dict, path: tuple) -> bool:
         if k in node and not path and not all(_regular(s, defs, (f"#/{k}/{n}",)) for n, s in node[k].items()):
             return False
     return True
+
+
+def json_safe_pattern(pattern) -> bool:
+    """Whether every string the regex matches is JSON string content as it stands: no quote,
+    backslash or control character can come out of it (explicit literals and ranges, \\d, \\w)."""
+    import re._constants as C  # noqa: PLC2701 - the standard library's own regex parser
+    import re._parser as sre  # noqa: PLC2701
+
+    if not isinstance(pattern, str):
+        return False
+    try:
+        tree = sre.parse(pattern)
+    except Exception:
+        return False
+
+    def ok_char(c: int) -> bool:
+        return c >= 0x20 and c not in (0x22, 0x5C, 0x7F)
+
+    def ok(items) -> bool:
+        for op, av in items:
+            if op is C.LITERAL:
+                if not ok_char(av):
+                    return False
+            elif op is C.IN:
+                for iop, iav in av:
+                    if iop is C.NEGATE:
+                        return False
+                    if iop is C.LITERAL and not ok_char(iav):
+                        return False
+                    if iop is C.RANGE and not (iav[0] >= 0x20 and not iav[0] <= 0x22 <= iav[1]
+                                               and not iav[0] <= 0x5C <= iav[1] and iav[1] < 0x7F):
+                        return False
+                    if iop is C.CATEGORY and iav not in (C.CATEGORY_DIGIT, C.CATEGORY_WORD):
+                        return False
+            elif op in (C.MAX_REPEAT, C.MIN_REPEAT):
+                if not ok(av[2]):
+                    return False
+            elif op is C.SUBPATTERN:
+                if not ok(av[-1]):
+                    return False
+            elif op is C.BRANCH:
+                if not all(ok(b) for b in av[1]):
+                    return False
+            elif op is C.AT:
+                continue
+            else:  # ANY, NOT_LITERAL, lookarounds, back-references, ...
+                return False
+        return True
+
+    return ok(tree)
 
 
 def small_ranges_as_enums(node):
