@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from dlm.errors import DLMError
+from dlm.evals import provenance
 
 SCHEMAS = Path(__file__).parent / "schemas" / "realworld.json"
 
@@ -117,7 +118,7 @@ def main(args) -> None:
           f"{summary['time_per_forward_ratio']:.2f}; per request: {summary['time_per_request_ratio']:.2f}; "
           f"constraint share of constrained time: "
           f"{summary['constraint_share_of_time']:.1%}", file=sys.stderr)
-    out = {"command": "dlm bench constrained " + " ".join(sys.argv[3:]), "model": args.model,
+    out = {"command": "dlm bench constrained " + " ".join(sys.argv[3:]), **provenance(), "model": args.model,
            "config": {k: getattr(config, k) for k in ("max_new_tokens", "unmask", "threshold", "temperature",
                                                       "block_length", "cache")},
            "summary": summary, "rows": rows}

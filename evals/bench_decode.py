@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from dlm.evals import provenance
+
 # name -> DecodeConfig overrides (block_length / steps are filled per generation length)
 CONFIGS = {
     "vanilla": dict(unmask="confidence", cache="none"),  # one token per step, no cache
@@ -189,7 +191,7 @@ def main(args) -> dict:
         from dlm.export import to_llama
 
         llama = to_llama(load_model(args.ar_model, expect_objective="ar")).eval()
-    report = {"command": "dlm bench decode " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else []),
+    report = {"command": "dlm bench decode " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else []), **provenance(),
               "model": args.model, "objective": model.config.objective, "ar_model": args.ar_model,
               "n_prompts": len(examples), "split": getattr(args, "split", "test"), "device": "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
               "results": []}

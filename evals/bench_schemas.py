@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from dlm.errors import DLMError
+from dlm.evals import provenance
 
 SAMPLE = Path(__file__).parent / "jsonschemabench" / "sample.jsonl.gz"
 
@@ -168,7 +169,7 @@ def main(args) -> None:
                       f"{s['compile_p50_s']:.3f} / {s['compile_p95_s']:.3f} / {s['compile_max_s']:.2f} s",
                       f"{s['request_p50_s']:.1f} / {s['request_max_s']:.1f} s")
     Console().print(table)
-    out = {"command": "dlm bench schemas " + " ".join(sys.argv[3:]), "model": args.model,
+    out = {"command": "dlm bench schemas " + " ".join(sys.argv[3:]), **provenance(), "model": args.model,
            "sample": str(args.sample or SAMPLE), "config": {"max_new_tokens": args.max_new_tokens,
                                                            "unmask": "threshold", "threshold": args.threshold,
                                                            "block_length": config.block_length, "cache": config.cache,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from dlm.errors import DLMError
+from dlm.evals import provenance
 
 
 def _free_port() -> int:
@@ -177,7 +178,7 @@ def main(args) -> None:
                       _fmt(r["ttft_p50"]), _fmt(r["latency_p50"]), _fmt(r["latency_p90"]), _fmt(r["latency_p99"]),
                       str(r["failed"]))
     Console().print(table)
-    out = {"command": "dlm bench serve " + " ".join(sys.argv[3:]), "model": args.model, "max_tokens": args.max_tokens,
+    out = {"command": "dlm bench serve " + " ".join(sys.argv[3:]), **provenance(), "model": args.model, "max_tokens": args.max_tokens,
            "ignore_eos": bool(args.ignore_eos), "serve_args": serve_args,
            "rows": rows, "note": vllm_note}
     if args.out:

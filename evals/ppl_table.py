@@ -20,6 +20,8 @@ import statistics
 import sys
 import time
 
+from dlm.evals import provenance
+
 MODELS = {  # name -> TrainConfig overrides
     "AR": dict(objective="ar"),
     "BD3-LM B'=4": dict(objective="bd3lm", block_size=4),
@@ -103,7 +105,7 @@ def main(argv=None) -> dict:
                      "noise_window": windows[-1] if windows else None,
                      "train_wall_s": train_s})
         print(f"   {name}: perplexity {res['ppl']:.2f} ({'bound' if res['bound'] else 'exact'})", file=sys.stderr)
-    report = {"command": " ".join(["python -m dlm.evals.ppl_table", *(argv if argv is not None else sys.argv[1:])]),
+    report = {"command": " ".join(["python -m dlm.evals.ppl_table", *(argv if argv is not None else sys.argv[1:])]), **provenance(),
               "settings": vars(args), "rows": rows}
     write_outputs(report, args.out)
     return report
