@@ -15,6 +15,7 @@ import shutil
 import torch
 
 from dlm.errors import DLMError
+from dlm.families import family_of
 from dlm.model import load_model
 
 
@@ -22,7 +23,7 @@ def to_llama(model):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
-    if c.objective != "ar":
+    if not family_of(c).autoregressive:
         raise DLMError(
             f"only autoregressive models export to LlamaForCausalLM; this one is {c.objective!r}"
         )

@@ -32,7 +32,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from dlm.errors import DLMError
-from dlm.presets import OBJECTIVES, PRESETS  # noqa: F401  (named sizes; re-exported)
+from dlm.families import OBJECTIVES  # noqa: F401  (re-exported)
+from dlm.presets import PRESETS  # noqa: F401  (named sizes; re-exported)
 
 
 class DLMConfig(PretrainedConfig):
@@ -57,6 +58,8 @@ class DLMConfig(PretrainedConfig):
         block_size: Optional[int] = None,
         num_decoder_layers: int = 0,
         attention_backend: str = "auto",
+        noise_schedule: str = "loglinear",
+        noise_eps: float = 1e-3,
         mask_token_id: Optional[int] = None,
         bos_token_id: Optional[int] = None,
         eos_token_id: Optional[int] = None,
@@ -80,6 +83,7 @@ class DLMConfig(PretrainedConfig):
         self.block_size = block_size
         self.num_decoder_layers = num_decoder_layers
         self.attention_backend = attention_backend  # auto | sdpa | flex (block masks; see dlm/blocks.py)
+        self.noise_schedule, self.noise_eps = noise_schedule, noise_eps  # dlm.noise.schedule_for builds it
         self.mask_token_id = mask_token_id
         super().__init__(
             bos_token_id=bos_token_id,
@@ -91,8 +95,9 @@ class DLMConfig(PretrainedConfig):
         self.validate()
 
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise DLMError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        from dlm.families import family
+
+        fam = family(self.objective)  # an unknown objective: DLMError naming the known ones
         if self.hidden_size % self.num_attention_heads:
             raise DLMError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -100,16 +105,16 @@ class DLMConfig(PretrainedConfig):
             )
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise DLMError("the head dimension must be even for rotary embeddings; change hidden_size or heads")
-        if self.objective in ("bd3lm", "e2d2"):
+        if fam.block_causal:
             if not self.block_size or self.block_size < 1:
                 raise DLMError(f"{self.objective} needs a block size; pass --block-size (e.g. 4, 8 or 16)")
-            if self.time_conditioning:
-                raise DLMError(f"{self.objective} draws one noise level per block and takes no time input; "
-                               "train it with --no-time-conditioning")
-        if self.objective == "e2d2" and self.num_decoder_layers < 1:
-            raise DLMError("e2d2 needs at least one decoder layer; pass --decoder-layers (e.g. 2)")
-        if self.objective != "e2d2" and self.num_decoder_layers:
-            raise DLMError(f"decoder layers are an e2d2 feature; drop --decoder-layers for {self.objective}")
+        if self.time_conditioning and not fam.time_conditioning:
+            raise DLMError(f"{self.objective} takes no time input; train it with --no-time-conditioning")
+        if fam.encoder_decoder and self.num_decoder_layers < 1:
+            raise DLMError(f"{self.objective} needs at least one decoder layer; pass --decoder-layers (e.g. 2)")
+        if not fam.encoder_decoder and self.num_decoder_layers:
+            raise DLMError(f"decoder layers belong to encoder-decoder models; drop --decoder-layers for "
+                           f"{self.objective}")
 
     @property
     def head_dim(self) -> int:
@@ -537,7 +542,7 @@ class DLMModel(DLMPreTrainedModel):
 
         attn_mask: boolean (Lq, M + Lq) or (B, 1, Lq, M + Lq) over [memory ; own] keys."""
         if self.decoder_layers is None:
-            raise DLMError("this model has no decoder layers (it is not an e2d2 model)")
+            raise DLMError("this model has no decoder layers (it is not an encoder-decoder model)")
         B, L = noisy_ids.shape
         if position_ids is None:
             position_ids = torch.arange(L, device=noisy_ids.device)

@@ -50,6 +50,19 @@ class LogLinearSchedule:
         return -torch.log(self.alpha(t))
 
 
+def schedule_for(config) -> LogLinearSchedule:
+    """The noise schedule a model was trained with (its config's `noise_schedule` and
+    `noise_eps`; checkpoints from before those fields: the log-linear schedule, eps 1e-3). The one
+    place a schedule is built: objectives, decoder, samplers and scorers all ask here."""
+    kind = getattr(config, "noise_schedule", None) or "loglinear"
+    if kind != "loglinear":
+        from dlm.errors import DLMError
+
+        raise DLMError(f"unknown noise schedule {kind!r} in the model config; dlm knows loglinear")
+    eps = getattr(config, "noise_eps", None)
+    return LogLinearSchedule(1e-3 if eps is None else float(eps))
+
+
 def low_discrepancy_times(
     n: int, generator: Optional[torch.Generator] = None, lo: float = 0.0, hi: float = 1.0
 ) -> torch.Tensor:

@@ -43,6 +43,7 @@ from dlm.blocks import (
 from dlm.errors import DLMError
 from dlm.noise import (
     LogLinearSchedule,
+    schedule_for,
     bernoulli_mask,
     exact_k_mask,
     low_discrepancy_times,
@@ -86,11 +87,11 @@ class Objective:
     name = "base"
     is_causal = False
 
-    def __init__(self, config, eps: float = 1e-3):
+    def __init__(self, config, eps: Optional[float] = None):
         self.config = config
         self.mask_id = config.mask_token_id
-        self.schedule = LogLinearSchedule(eps)
-        if self.name != "ar" and self.mask_id is None:
+        self.schedule = schedule_for(config) if eps is None else LogLinearSchedule(eps)
+        if not self.is_causal and self.mask_id is None:
             raise DLMError("the model config has no mask_token_id; build it from a tokenizer with a mask token")
 
     def draw_noise(self, batch_size: int, seq_len: int, generator: torch.Generator) -> dict:
@@ -119,7 +120,7 @@ class MDLM(Objective):
 
     name = "mdlm"
 
-    def __init__(self, config, eps: float = 1e-3, t_range: tuple[float, float] = (0.0, 1.0)):
+    def __init__(self, config, eps: Optional[float] = None, t_range: tuple[float, float] = (0.0, 1.0)):
         super().__init__(config, eps)
         self.t_range = t_range
 
@@ -152,7 +153,7 @@ class RADD(Objective):
 
     name = "radd"
 
-    def __init__(self, config, eps: float = 1e-3, loss_type: str = "lambda"):
+    def __init__(self, config, eps: Optional[float] = None, loss_type: str = "lambda"):
         super().__init__(config, eps)
         if loss_type not in ("lambda", "k"):
             raise DLMError(f"unknown RADD loss {loss_type!r}; use 'lambda' (lambda-DCE) or 'k' (k-DCE)")
@@ -212,7 +213,7 @@ class BD3LM(MDLM):
 
     name = "bd3lm"
 
-    def __init__(self, config, eps: float = 1e-3, t_range: tuple[float, float] = (0.0, 1.0)):
+    def __init__(self, config, eps: Optional[float] = None, t_range: tuple[float, float] = (0.0, 1.0)):
         super().__init__(config, eps, t_range)
         self.block = int(config.block_size)
         self.backend = getattr(config, "attention_backend", "auto")
@@ -285,10 +286,12 @@ OBJECTIVE_CLASSES = {"mdlm": MDLM, "radd": RADD, "ar": AR, "bd3lm": BD3LM, "e2d2
 
 
 def make_objective(config, **options) -> Objective:
-    """The objective named by `config.objective`, with options (e.g. loss_type for RADD)."""
-    cls = OBJECTIVE_CLASSES.get(config.objective)
-    if cls is None:
-        raise DLMError(
-            f"objective {config.objective!r} is not available; choose one of {', '.join(OBJECTIVE_CLASSES)}"
-        )
-    return cls(config, **options)
+    """The objective of the model's family, with the options it takes (RADD: loss_type; block
+    models: t_range); options another objective has no use for are left out."""
+    import inspect
+
+    from dlm.families import family_of
+
+    cls = OBJECTIVE_CLASSES[family_of(config).objective]
+    accepted = inspect.signature(cls).parameters
+    return cls(config, **{k: v for k, v in options.items() if k in accepted})

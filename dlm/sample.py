@@ -21,8 +21,10 @@ from typing import Optional
 
 import torch
 
+from dlm.decoding.sampling import gumbel_argmax
+from dlm.families import family_of
 from dlm.model import KVCache
-from dlm.noise import LogLinearSchedule
+from dlm.noise import schedule_for
 from dlm.objectives import subs_log_probs
 
 
@@ -30,16 +32,6 @@ from dlm.objectives import subs_log_probs
 class SampleOutput:
     tokens: torch.Tensor  # (n, total length): BOS + prompt + generated
     nfe: int  # network function evaluations
-
-
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """Sample from softmax(logits / temperature) by Gumbel-max in float64; greedy if temperature == 0."""
-    logits = logits.double()
-    if temperature <= 0:
-        return logits.argmax(-1)
-    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-    return (logits / temperature + gumbel).argmax(-1)
 
 
 def prepare_canvas(prompt_ids: list[int], n: int, length: int, bos_id: int, fill_id: int, device) -> torch.Tensor:
@@ -61,7 +53,7 @@ def sample_mdlm(
 ) -> SampleOutput:
     cfg = model.config
     device = next(model.parameters()).device
-    sched = LogLinearSchedule()
+    sched = schedule_for(cfg)
     gen = torch.Generator().manual_seed(seed)
     x = prepare_canvas(prompt_ids, n, length, cfg.bos_token_id, cfg.mask_token_id, device)
     reuse = not cfg.time_conditioning
@@ -117,13 +109,13 @@ def sample_blocks(
     """BD3-LM / E2D2: blocks left to right, MDLM ancestral steps inside each block, conditioned
     on the finished blocks (exact: that is the model's factorisation). `steps` is the total
     budget, spread evenly over the generated blocks. This reference sampler recomputes the
-    prefix at every step; the decoder (dlm.decode) caches it."""
+    prefix at every step; the decoder (dlm.decoding) caches it."""
     from dlm.objectives import make_objective
 
     cfg = model.config
     device = next(model.parameters()).device
     obj = make_objective(cfg)
-    sched = LogLinearSchedule()
+    sched = schedule_for(cfg)
     gen = torch.Generator().manual_seed(seed)
     B = cfg.block_size
     start = 1 + len(prompt_ids)
@@ -156,11 +148,12 @@ def sample_blocks(
 
 
 def sample(model, prompt_ids: list[int], n=1, length=64, steps: Optional[int] = None, temperature=1.0, seed=0):
-    """Dispatch on the model's objective: AR samples left to right, diffusion models denoise,
-    block models denoise block by block."""
-    if model.config.objective == "ar":
+    """Dispatch on the model's family: AR samples left to right, diffusion models denoise,
+    block-causal models denoise block by block."""
+    fam = family_of(model.config)
+    if fam.autoregressive:
         return sample_ar(model, prompt_ids, n, length, temperature, seed)
-    if model.config.objective in ("bd3lm", "e2d2"):
+    if fam.block_causal:
         return sample_blocks(model, prompt_ids, n, length, steps, temperature, seed)
     return sample_mdlm(model, prompt_ids, n, length, steps or length, temperature, seed)
 

@@ -26,13 +26,15 @@ OBJECTIVES = ("ar", "mdlm", "radd")
 
 
 def _model(objective: str, size: str, seq_len: int, vocab: int = 4096, block_size: int = 4):
+    from dlm.families import family
     from dlm.model import PRESETS, DLMConfig, DLMModel, e2d2_layer_split
 
     torch.manual_seed(0)
     extra = {}
-    if objective in ("bd3lm", "e2d2"):
+    fam = family(objective)
+    if fam.block_causal:
         extra["block_size"] = block_size
-    if objective == "e2d2":  # equal total layers: the decoder's come out of the preset's
+    if fam.encoder_decoder:  # equal total layers: the decoder's come out of the preset's
         enc, dec = e2d2_layer_split(PRESETS[size][1])
         extra.update(num_hidden_layers=enc, num_decoder_layers=dec)
     cfg = DLMConfig.from_preset(size, vocab_size=vocab, objective=objective, mask_token_id=vocab - 1,
