@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dlm.errors import DLMError
 from dlm.evals import provenance
+from dlm.families import family_of
 
 SCHEMAS = Path(__file__).parent / "schemas" / "realworld.json"
 
@@ -38,7 +39,7 @@ def main(args) -> None:
     from rich.table import Table
 
     from dlm.constraints import Constraint, ConstraintCompiler
-    from dlm.decode import DecodeConfig, Decoder
+    from dlm.decoding import DecodeConfig, Decoder
     from dlm.model import load_model
     from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
@@ -53,7 +54,7 @@ def main(args) -> None:
     check_tokenizer_for_model(tok, model.config)
     dec = Decoder(model)
     compiler = ConstraintCompiler(tok, model.config.vocab_size, model.config.eos_token_id)
-    block = model.config.objective in ("bd3lm", "e2d2")
+    block = family_of(model.config).block_causal
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, unmask=args.unmask, threshold=args.threshold,
                           temperature=args.temperature, block_length=None if block else args.block_length,
                           cache=("exact" if block else "dual") if args.cache == "auto" else args.cache)

@@ -21,6 +21,7 @@ import time
 import torch
 
 from dlm.evals import provenance
+from dlm.families import family_of
 
 # name -> DecodeConfig overrides (block_length / steps are filled per generation length)
 CONFIGS = {
@@ -92,11 +93,11 @@ def _threshold_configs(spec: str, is_block: bool) -> dict:
 
 
 def run_diffusion(model, tok, examples, length: int, overrides: dict, block_length: int, batch_size: int):
-    from dlm.decode import DecodeConfig, Decoder
+    from dlm.decoding import DecodeConfig, Decoder
 
     dec = Decoder(model)
     cfg = dict(overrides)
-    if model.config.objective not in ("bd3lm", "e2d2"):
+    if not family_of(model.config).block_causal:
         cfg.setdefault("block_length", min(block_length, length))
     preds, gen_tokens, nfe, request_nfe = [], 0, 0, 0
     t0 = time.perf_counter()
@@ -175,7 +176,7 @@ def main(args) -> dict:
     model = load_model(args.model).eval()
     tok = load_tokenizer(args.model)
     examples = _prompts(args.n_prompts, args.seed, getattr(args, "split", "test"))
-    is_block = model.config.objective in ("bd3lm", "e2d2")
+    is_block = family_of(model.config).block_causal
     extra = {**_gap_configs(getattr(args, "early_commit_gaps", None), is_block),
              **_threshold_configs(getattr(args, "thresholds", None), is_block)}
     table = {**(BLOCK_CONFIGS if is_block else CONFIGS), **extra}

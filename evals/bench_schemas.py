@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dlm.errors import DLMError
 from dlm.evals import provenance
+from dlm.families import family_of
 
 SAMPLE = Path(__file__).parent / "jsonschemabench" / "sample.jsonl.gz"
 
@@ -74,7 +75,7 @@ def main(args) -> None:
         ConstraintUnsatisfiable,
         ConstraintViolation,
     )
-    from dlm.decode import DecodeConfig, Decoder
+    from dlm.decoding import DecodeConfig, Decoder
     from dlm.model import load_model
     from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
@@ -84,7 +85,7 @@ def main(args) -> None:
     model = load_model(args.model).eval()
     tok = load_tokenizer(args.tokenizer or args.model)
     check_tokenizer_for_model(tok, model.config)
-    block = model.config.objective in ("bd3lm", "e2d2")
+    block = family_of(model.config).block_causal
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, unmask="threshold", threshold=args.threshold,
                           block_length=None if block else args.block_length, cache="exact" if block else "dual",
                           temperature=0.0)

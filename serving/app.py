@@ -26,7 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dlm.decode import DecodeConfig, DecodeResult
+from dlm.decoding.config import DecodeConfig
+from dlm.decoding.state import DecodeResult
 from dlm.errors import DLMError
 
 from .handlers import Plan, Service

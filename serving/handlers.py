@@ -20,8 +20,10 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from dlm.decode import DecodeConfig, DecodeResult
+from dlm.decoding.config import DecodeConfig, OptionError, server_fields
+from dlm.decoding.state import DecodeResult
 from dlm.errors import DLMError
+from dlm.families import family_of
 
 from .protocol import (
     DIFFUSION_OPTIONS,
@@ -56,14 +58,14 @@ class Service:
 
     def __init__(self, settings, model, tokenizer):
         from dlm.constraints import ConstraintCompiler
-        from dlm.decode import ARDecoder, Decoder
+        from dlm.decoding import ARDecoder, Decoder
 
         self.settings, self.model, self.tokenizer = settings, model, tokenizer
         self.cfg = cfg = model.config
         self.name = settings.served_model_name or settings.model_dir.rstrip("/").split("/")[-1] or "dlm"
-        self.is_ar = cfg.objective == "ar"
-        self.block_size = cfg.block_size if cfg.objective in ("bd3lm", "e2d2") else None
-        self.defaults = settings.defaults or DecodeConfig(cache="exact" if self.block_size else "none")
+        self.family = family_of(cfg)
+        self.is_ar = self.family.autoregressive
+        self.defaults = settings.defaults or DecodeConfig(cache=self.family.default_cache)
         # the AR baseline through the same scheduler: one token per request per step, exact logprobs
         self.decoder = ARDecoder(model) if self.is_ar else Decoder(model)
         self.compiler = None if self.is_ar else ConstraintCompiler(tokenizer, cfg.vocab_size, cfg.eos_token_id,
@@ -114,16 +116,13 @@ class Service:
         return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
     def decode_config(self, body: GenerationFields, max_tokens: int) -> DecodeConfig:
-        """The request's decoding configuration: the server's defaults, overridden by the body."""
+        """The request's decoding configuration: the server's defaults, overridden by the body's
+        decoding fields (DecodeConfig's server-exposed options), checked by DecodeConfig.validate."""
         given = [k for k in DIFFUSION_OPTIONS if getattr(body, k) is not None]
         if self.is_ar and given:
             raise APIError(400, f"{', '.join(given)}: diffusion decoding options; this server runs the "
                                 "autoregressive baseline, which decodes one token per step", param=given[0])
-        over = {k: getattr(body, k) for k in given}
-        if "early_commit_gaps" in over:
-            over["early_commit_gaps"] = tuple(over["early_commit_gaps"])
-        if body.top_k is not None:
-            over["top_k"] = body.top_k
+        over = {k: DecodeConfig.coerce(k, getattr(body, k)) for k in server_fields() if getattr(body, k) is not None}
         stops = self.stop_strings(body)
         if any(not s for s in stops):
             raise APIError(400, "stop strings must not be empty", param="stop")
@@ -131,16 +130,8 @@ class Service:
         if max_tokens > limit:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {limit}",
                            param="max_tokens")
-        if self.block_size is not None:
-            if body.block_length not in (None, self.block_size):
-                raise APIError(400, f"block_length {body.block_length}: this block model decodes in its own "
-                                    f"blocks of {self.block_size} tokens; leave block_length out",
-                               param="block_length")
-            over.pop("block_length", None)
-        elif body.block_length is not None and max_tokens % body.block_length:
-            raise APIError(400, f"block_length {body.block_length} does not divide max_tokens {max_tokens}; "
-                                "choose a block length that divides it", param="block_length")
-        elif body.block_length is None and self.defaults.block_length and max_tokens % self.defaults.block_length:
+        if (body.block_length is None and self.defaults.block_length and not self.family.block_causal
+                and max_tokens % self.defaults.block_length):
             over["block_length"] = None  # the server's default block length does not divide this length: one block
         c = replace(self.defaults, max_new_tokens=max_tokens,
                     temperature=self.settings.default_temperature if body.temperature is None else body.temperature,
@@ -149,7 +140,9 @@ class Service:
                     stop_at_eos=not body.ignore_eos if body.ignore_eos is not None else self.defaults.stop_at_eos,
                     **over)
         try:
-            c.validate(self.block_size)
+            c.validate(self.family, self.cfg.block_size)
+        except OptionError as e:
+            raise APIError(400, str(e), param=e.option) from None
         except DLMError as e:
             raise APIError(400, str(e)) from None
         return c
@@ -302,11 +295,11 @@ class Service:
                 "choices": choices, "usage": self.usage(plan, used)}
 
     def logprobs_block(self, ids: list[int], n_prompt: int, echo: bool, k: int = 1) -> dict:
-        """Legacy completions logprobs for [prompt (if echo) + generated] tokens (dlm.scoring):
+        """Legacy completions logprobs for [prompt (if echo) + generated] tokens (dlm.likelihood):
         generated tokens are scored on the whole sequence; prompt tokens (echo) on the prompt
         alone, because the chain masks everything after a token and appended output would change
         their scores (what an in-process scorer computes)."""
-        from dlm.scoring import token_top_logprobs
+        from dlm.likelihood import token_top_logprobs
 
         full = [self.cfg.bos_token_id, *ids]
         lp, tops = token_top_logprobs(self.model, full, k, start=1 + n_prompt)
@@ -334,7 +327,7 @@ class Service:
 
     def chat_logprobs(self, prompt: list[int], gen: list[int], k: int) -> dict:
         """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
-        from dlm.scoring import token_top_logprobs
+        from dlm.likelihood import token_top_logprobs
 
         full = [self.cfg.bos_token_id, *prompt, *gen]
         lp, tops = token_top_logprobs(self.model, full, max(1, k), start=1 + len(prompt))

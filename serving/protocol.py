@@ -9,31 +9,21 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from dlm.decoding.config import server_fields
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed range (int64)
 
 
-class DecodeOptions(BaseModel):
-    """dlm's decoding options, accepted as extra fields of any generation request."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-    block_length: Optional[int] = Field(None, ge=1)
-    steps: Optional[int] = Field(None, ge=1)
-    unmask: Optional[str] = None
-    threshold: Optional[float] = None
-    factor: Optional[float] = None
-    early_commit: Optional[bool] = None
-    early_commit_scope: Optional[Literal["block", "answer"]] = None
-    early_commit_gaps: Optional[list[float]] = Field(None, min_length=3, max_length=3)
-    cache: Optional[str] = None
-    top_k: Optional[int] = Field(None, ge=1)
-    ignore_eos: Optional[bool] = None
-
+# dlm's decoding options, accepted as extra fields of any generation request: generated from
+# DecodeConfig's server-exposed fields (dlm/decoding/config.py), each optional (None: the server's
+# default) and checked by DecodeConfig.validate.
+DecodeOptions = create_model("DecodeOptions", __config__=ConfigDict(extra="allow", populate_by_name=True),
+                             ignore_eos=(Optional[bool], None), **server_fields())
 
 # The options above that only a diffusion model has (the AR server refuses them).
-DIFFUSION_OPTIONS = ("block_length", "steps", "unmask", "threshold", "factor", "early_commit", "early_commit_scope",
-                     "early_commit_gaps", "cache")
+DIFFUSION_OPTIONS = tuple(name for name in server_fields() if name != "top_k")
 
 
 class StructuredOutputs(BaseModel):

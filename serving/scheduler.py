@@ -17,7 +17,9 @@ from typing import Optional
 
 import torch
 
-from dlm.decode import DecodeConfig, Decoder, DecodeRequest
+from dlm.decoding.config import DecodeConfig
+from dlm.decoding.engine import Decoder
+from dlm.decoding.state import DecodeRequest
 
 
 class QueueFull(Exception):

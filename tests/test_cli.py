@@ -42,13 +42,59 @@ def fails_cleanly(capsys, argv, *needles):
     return lines[0]
 
 
-def test_help_lists_the_commands():
-    r = subprocess.run([sys.executable, "-m", "dlm.cli", "--help"], capture_output=True, text=True, env=child_env())
-    assert r.returncode == 0
-    for cmd in ("train", "ppl", "sample", "tokenizer", "export", "bench", "quickstart"):
-        assert cmd in r.stdout
-    r = subprocess.run([sys.executable, "-m", "dlm.cli", "train", "--help"], capture_output=True, text=True, env=child_env())
-    assert r.returncode == 0 and "--objective" in r.stdout and "--zero-stage" in r.stdout and "--resume" in r.stdout
+def test_flags_come_from_the_configs_with_their_defaults():
+    """Decoding flags are generated from DecodeConfig and training flags from TrainConfig: parsing
+    no options gives each config's own defaults, every field has its flag, the --unmask choices
+    are the policy registry, and a flag's value reaches the config."""
+    import dataclasses
+
+    from dlm.cli.parser import build_parser, subparsers
+    from dlm.decoding.config import DecodeConfig, from_flags
+    from dlm.decoding.policies import POLICIES
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "M", "--prompt", "x"])
+    assert from_flags(args) == DecodeConfig()
+    args = parser.parse_args(["generate", "M", "--prompt", "x", "--unmask", "threshold", "--threshold", "0.7",
+                              "--early-commit-gaps", "1/2/3", "--cache", "dual"])
+    got = from_flags(args)
+    assert (got.unmask, got.threshold, got.early_commit_gaps, got.cache) == ("threshold", 0.7, (1.0, 2.0, 3.0), "dual")
+    subs = dict(subparsers(parser))
+    unmask = next(a for a in subs["generate"]._actions if a.dest == "unmask")
+    assert set(unmask.choices) == set(POLICIES)
+    cli = {f.name for f in DecodeConfig.options("cli")}
+    assert cli <= {a.dest for a in subs["generate"]._actions}
+    # the server sets per-request values itself; its flags are the defaults for the rest
+    assert {a.dest for a in subs["serve"]._actions} >= cli - {"max_new_tokens", "seed", "stop_at_eos"}
+
+    # training: one flag per TrainConfig field, its default the field's; unset flags stay unset (a
+    # --config file fills them)
+    actions = {a.dest: a for a in subs["train"]._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f"(default: {f.default})" in actions[f.name].help, f.name
+    args = parser.parse_args(["train", "--max-steps", "7", "--objective", "bd3lm"])
+    assert (args.max_steps, args.objective) == (7, "bd3lm") and not hasattr(args, "lr")
+
+
+def test_every_option_with_a_value_says_its_default_in_the_help():
+    import argparse
+
+    from dlm.cli.parser import build_parser, subparsers
+
+    checked = 0
+    for name, sub in subparsers(build_parser()):
+        fmt = sub._get_formatter()
+        for a in sub._actions:
+            if not a.option_strings or a.nargs == 0 or a.help == argparse.SUPPRESS or a.default is None:
+                continue
+            if a.default is argparse.SUPPRESS and name != "train":
+                continue
+            assert "default" in fmt._get_help_string(a), (name, a.dest, a.help)
+            checked += 1
+    assert checked > 100
+    r = subprocess.run([sys.executable, "-m", "dlm.cli", "train", "--help"], capture_output=True, text=True,
+                       env=child_env())
+    assert r.returncode == 0 and r.stdout.startswith("usage: dlm train")
 
 
 def test_exit_code_through_the_real_entry_point(tmp_path):

@@ -11,7 +11,6 @@ final check against the original schema.
 import json
 import random
 import sys
-import time
 
 import jsonschema
 import pytest
@@ -28,7 +27,7 @@ from dlm.constraints import (
 )
 from dlm.constraints import schema as S
 from dlm.constraints.compile import regex_size
-from dlm.decode import DecodeConfig, Decoder
+from dlm.decoding import DecodeConfig, Decoder
 from dlm.errors import DLMError
 from dlm.model import DLMConfig, DLMModel
 from dlm.tokenizer import train_tokenizer
@@ -81,25 +80,28 @@ def valid(text, schema):
 
 
 # ------------------------------------------------------------------ budgets
+@pytest.mark.timeout(120)  # it used to hang the server: a guard, not a speed test
 def test_large_bounds_compile_fast_on_the_grammar_engine_and_decode_validly(tok, model):
     c = compiler_for(tok)
     for schema in ({"type": "object", "properties": {"a": {"type": "string", "maxLength": 32767}}, "required": ["a"]},
                    {"type": "array", "items": {"type": "integer"}, "maxItems": 5000},
                    {"type": "string", "minLength": 3, "maxLength": 3000}):
-        t0 = time.perf_counter()
-        compiled = c.compile(Constraint.json_schema(schema))
-        assert time.perf_counter() - t0 < 2.0, schema
+        compiled = c.compile(Constraint.json_schema(schema))  # no automaton over the bound is built
         assert compiled.route.startswith("grammar"), compiled.route
         res, text = decode(model, tok, compiled)
         assert valid(text, schema), (schema, text)
 
 
-def test_a_bound_no_output_of_max_tokens_can_meet_fails_fast(tok, model):
+def test_a_bound_no_output_of_max_tokens_can_meet_fails_at_the_first_step(tok, model):
     compiled = compiler_for(tok).compile(Constraint.json_schema({"type": "array", "minItems": 100}))
-    t0 = time.perf_counter()
-    with pytest.raises(ConstraintUnsatisfiable, match="no output of 48 tokens"):
-        decode(model, tok, compiled)
-    assert time.perf_counter() - t0 < 10
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ConstraintUnsatisfiable, match="no output of 48 tokens"):
+            decode(model, tok, compiled)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # refused at its first step, not after decoding into a dead end
 
 
 def test_a_slow_automaton_build_is_stopped_at_its_budget(tok, model):
@@ -109,9 +111,7 @@ def test_a_slow_automaton_build_is_stopped_at_its_budget(tok, model):
     c = compiler_for(tok, timeout_s=0.3, max_dfa_mb=1024)
     regex = "(a|b)*a(a|b){14}"
     assert regex_size(regex) < 1000  # the size estimate does not see it coming
-    t0 = time.perf_counter()
     compiled = c.compile(Constraint.regex(regex))
-    assert time.perf_counter() - t0 < 5
     assert compiled.route in ("grammar (timeout)", "grammar (too_large)"), compiled.route
     assert c.compile(Constraint.regex("[0-9]{2}")).route == "dfa"  # the builder still works
 

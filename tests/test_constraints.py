@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from dlm.constraints import Constraint, ConstraintCompiler, TokenDFA, make_constraint
-from dlm.decode import DecodeConfig, Decoder
+from dlm.decoding import DecodeConfig, Decoder
 from dlm.errors import DLMError
 from dlm.model import DLMConfig, DLMModel
 from dlm.tokenizer import train_tokenizer

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlm.decode import DecodeConfig, Decoder
-from dlm.model import DLMConfig, DLMModel
+from dlm.decoding import DecodeConfig, Decoder
+from dlm.model import DLMModel
 
 GOLDEN = Path(__file__).parent / "golden" / "golden.json"
 UPDATE = os.environ.get("DLM_UPDATE_GOLDEN") == "1"
@@ -161,7 +161,7 @@ class _Rows:
 
 
 def test_golden_perplexity():
-    from dlm.ppl import perplexity
+    from dlm.likelihood import perplexity
 
     ids, am = _rows()
     got = {}
@@ -172,7 +172,7 @@ def test_golden_perplexity():
 
 
 def test_golden_chain_logprobs():
-    from dlm.scoring import token_logprobs
+    from dlm.likelihood import token_logprobs
 
     seq = [BOS, 5, 9, 12, 30, 31, 7, 8]
     got = {}

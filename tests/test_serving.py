@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dlm.decode import DecodeConfig
+from dlm.decoding.config import DecodeConfig
 from dlm.model import DLMConfig, DLMModel
 from dlm.tokenizer import train_tokenizer
 
@@ -177,10 +177,14 @@ def test_decoding_options_as_extra_fields(server):
                   {"steps": 4, "unmask": "margin"}, {"cache": "prefix", "block_length": 8}):
         r = c.completions.create(model="tiny", prompt="the cat", max_tokens=8, extra_body=extra)
         assert r.choices[0].finish_reason in ("stop", "length")
-    r = c.completions.create(model="tiny", prompt="the cat", max_tokens=8, extra_body={"steps": 2, "unmask": "random"})
-    assert r.model_extra is not None or True
-    stats = r.choices[0].model_extra["stats"]
-    assert stats["nfe"] <= 2 * 4 + 8  # at most the cap; steps are honoured (2 steps for 8 tokens)
+    # steps are honoured: 8 tokens in 2 steps take 2 network calls, in 8 steps 8 (no early stop:
+    # ignore_eos), and the stats say so
+    for steps in (2, 8):
+        r = c.completions.create(model="tiny", prompt="the cat", max_tokens=8,
+                                 extra_body={"steps": steps, "unmask": "random", "ignore_eos": True})
+        stats = r.choices[0].model_extra["stats"]
+        assert stats["nfe"] == steps, stats
+        assert r.usage.completion_tokens == 8
 
 
 def test_concurrent_requests_share_steps_and_equal_single_results(server):
@@ -293,7 +297,7 @@ def test_metrics_are_prometheus_text(server):
 
 def test_echo_logprobs_follow_the_chain_rule_scores(server, model_dir):
     from dlm.model import load_model
-    from dlm.scoring import token_logprobs
+    from dlm.likelihood import token_logprobs
 
     ids = httpx.post(server.url + "/tokenize", json={"prompt": "the cat sat on"}).json()["tokens"]
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [ids], "max_tokens": 1, "temperature": 0,

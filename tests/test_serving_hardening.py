@@ -18,7 +18,7 @@ import pytest
 from test_serving import Server, _error, model_dir  # noqa: F401  (fixture)
 
 from dlm.constraints import CompileLimits
-from dlm.decode import DecodeConfig
+from dlm.decoding.config import DecodeConfig
 
 UNIQUE_11 = {"type": "array", "items": {"const": 1}, "minItems": 2, "maxItems": 2, "uniqueItems": True}
 
@@ -64,7 +64,8 @@ def test_a_failing_request_fails_alone_and_names_only_its_own_cause(server):
 
 def test_constraint_compilation_never_blocks_the_event_loop(server):
     """A regex whose token automaton takes seconds to build (2^18 states): /health keeps
-    answering at once while it compiles, and the request itself completes (grammar engine)."""
+    answering while it compiles (the build is stopped at the 1 s budget), and the request itself
+    completes (grammar engine). A blocked loop would answer once or twice in that time."""
     result = {}
 
     def slow():
@@ -73,15 +74,15 @@ def test_constraint_compilation_never_blocks_the_event_loop(server):
 
     t = threading.Thread(target=slow)
     t.start()
-    worst = 0.0
+    answered = 0
     while t.is_alive():
-        t0 = time.perf_counter()
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-        worst = max(worst, time.perf_counter() - t0)
+        answered += 1
         time.sleep(0.02)
     t.join()
     assert result["r"].status_code == 200, result["r"].text
-    assert worst < 1.0, worst  # (a blocked loop would wait out the 3 s build)
+    assert result["r"].json()["choices"][0]["text"]
+    assert answered >= 5, answered
 
 
 def test_seed_range_and_a_kept_connection_after_errors(server, monkeypatch):
@@ -111,7 +112,7 @@ def test_seed_range_and_a_kept_connection_after_errors(server, monkeypatch):
 
 
 def test_chat_logprobs_in_openai_shape(server):
-    from dlm.scoring import token_top_logprobs
+    from dlm.likelihood import token_top_logprobs
     from dlm.serving.protocol import ChatMessage
 
     c = server.client()
@@ -188,9 +189,8 @@ def test_ar_server_refuses_constraints_and_diffusion_options_before_any_work(mod
     s = Server(d)
     try:
         assert s.app.state.service.compiler is None  # nothing to compile with: refused before any work
-        t0 = time.perf_counter()
         e = _error(_post(s, {"prompt": "x", "guided_json": {"type": "string", "maxLength": 32767}}), 400)
-        assert "diffusion model" in e["message"] and time.perf_counter() - t0 < 5
+        assert "diffusion model" in e["message"]
         for opt in ({"block_length": 4}, {"unmask": "threshold"}, {"cache": "dual"}, {"early_commit": True}):
             e = _error(_post(s, {"prompt": "x", "max_tokens": 4, **opt}), 400)
             assert e["param"] == next(iter(opt)) and "autoregressive" in e["message"]

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from test_serving import Server, model_dir  # noqa: F401  (fixture)
 
-from dlm.decode import DecodeConfig
+from dlm.decoding.config import DecodeConfig
 
 pytestmark = pytest.mark.slow
 

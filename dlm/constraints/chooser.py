@@ -1,7 +1,7 @@
 """The decoder's hook for constraints: a token chooser that keeps the canvas completable.
 
 The decoder gives each constrained request a `ConstrainedChooser` around its plain chooser
-(dlm.decode.TokenChooser). Both engines are driven through one session interface
+(dlm.decoding.sampling.TokenChooser). Both engines are driven through one session interface
 (regular.RegularSession, grammar.GrammarSession):
 
     session.begin(slots)                                  # fail now if no output fits

