@@ -21,7 +21,7 @@ Request types, for every model type (AR, MDLM, RADD, BD3-LM, E2D2):
   diffusion model the sum is an estimate of a lower bound on the log-likelihood of the windowed
   factorisation (the same windows HF models are scored with), so word perplexity and bits per
   byte come out as upper bounds, comparable to the NELBO perplexities of `dlm ppl`.
-* generate_until(context, gen_kwargs): the dlm decoder (dlm.decode) with every option available
+* generate_until(context, gen_kwargs): the dlm decoder (dlm.decoding) with every option available
   as a model argument (unmask, threshold, factor, block_length, steps, cache, early_commit, ...)
   and `until`, `max_gen_toks`, `temperature`, `do_sample` from gen_kwargs; AR models decode
   greedily (or sample) left to right with a KV cache.
@@ -43,8 +43,11 @@ from lm_eval.api.registry import register_model
 
 from dlm.errors import DLMError
 
-DECODER_ARGS = {"unmask": str, "threshold": float, "factor": float, "block_length": int, "steps": int,
-                "cache": str, "early_commit": bool, "early_commit_scope": str, "top_k": int, "top_p": float}
+from dlm.decoding.config import DecodeConfig, lm_eval_args
+from dlm.families import family_of
+
+# The decoder's options as model arguments: DecodeConfig's lm-eval-exposed fields.
+DECODER_ARGS = lm_eval_args()
 
 
 def _as_bool(v) -> bool:
@@ -80,10 +83,10 @@ class DLMEvalModel(LM):
         unknown = sorted(set(decoder_args) - set(DECODER_ARGS))
         if unknown:
             raise DLMError(f"unknown model_args {', '.join(unknown)}; decoder options are {', '.join(DECODER_ARGS)}")
-        self.decoder_args = {k: (_as_bool(v) if DECODER_ARGS[k] is bool else DECODER_ARGS[k](v))
-                             for k, v in decoder_args.items()}
-        self.is_ar = self.cfg.objective == "ar"
-        self.is_block = self.cfg.objective in ("bd3lm", "e2d2")
+        self.decoder_args = {k: DecodeConfig.coerce(k, v) for k, v in decoder_args.items()}
+        self.family = family_of(self.cfg)
+        self.is_ar = self.family.autoregressive
+        self.objective = None
         if not self.is_ar:
             from dlm.objectives import make_objective
 
@@ -161,91 +164,36 @@ class DLMEvalModel(LM):
         return results
 
     def _ar_score(self, ctx, cont):
-        ids = torch.tensor([ctx + cont], device=self.device_)
-        logits = self.model(ids, is_causal=True).logits[0, len(ctx) - 1 : -1].float()
-        logp = logits.log_softmax(-1)
-        target = torch.tensor(cont, device=self.device_)
-        ll = logp.gather(-1, target[:, None]).sum().item()
-        return ll, bool((logits.argmax(-1) == target).all())
+        from dlm.likelihood import ar_continuation
+
+        return ar_continuation(self.model, ctx, cont)
 
     def _chain_score(self, ctx, cont):
-        """Left-to-right chain (dlm.scoring): deterministic, what the server's echo logprobs sum to."""
-        from dlm.scoring import token_logprobs
+        """Left-to-right chain (dlm.likelihood): deterministic, what the server's echo logprobs sum to."""
+        from dlm.likelihood import chain_continuation
 
-        n = len(ctx)
-        lp, top, _ = token_logprobs(self.model, ctx + cont, objective=self.objective, start=n)
-        return float(sum(lp[n:])), all(top[i] == t for i, t in enumerate(cont, start=n))
-
-    def _layout(self, ctx, cont):
-        """Canvas (1, T) padded to whole blocks for block models, and the continuation positions."""
-        ids = ctx + cont
-        T = len(ids)
-        if self.is_block:
-            T = -(-T // self.cfg.block_size) * self.cfg.block_size
-        x = torch.full((1, T), self.cfg.pad_token_id, dtype=torch.long, device=self.device_)
-        x[0, : len(ids)] = torch.tensor(ids, device=self.device_)
-        am = torch.zeros_like(x)
-        am[0, : len(ids)] = 1
-        cpos = torch.arange(len(ctx), len(ids), device=self.device_)
-        return x, am, cpos
-
-    def _logits(self, x0, xt, am, out_pos):
-        """Logits at out_pos (N, V) of the denoiser given clean x0 and noisy xt."""
-        if self.is_block:
-            a = None if bool(am.all()) else am.expand_as(x0)
-            return self.objective.masked_logits(self.model, x0, xt, a, out_pos)
-        a = None if bool(am.all()) else am.expand_as(xt)
-        return self.model(xt, attention_mask=a, output_positions=out_pos).logits
+        return chain_continuation(self.model, ctx, cont, objective=self.objective)
 
     def elbo(self, ctx, cont, samples: Optional[int] = None, seed: Optional[int] = None) -> float:
-        """Monte Carlo estimate of the ELBO (a lower bound on log p(cont | ctx))."""
-        K = samples or self.mc_samples
+        """Monte Carlo estimate of the ELBO (a lower bound on log p(cont | ctx)), dlm.likelihood."""
+        from dlm.likelihood import continuation_elbo
+
         gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        x0, am, cpos = self._layout(ctx, cont)
-        mask_id = self.cfg.mask_token_id
-        # groups of continuation positions that share one k: the whole continuation, or per block
-        if self.is_block:
-            blk = cpos // self.cfg.block_size
-            groups = [cpos[blk == b] for b in blk.unique()]
-        else:
-            groups = [cpos]
-        total = 0.0
-        for start in range(0, K, self.batch_size_):
-            kk = min(self.batch_size_, K - start)
-            xt = x0.repeat(kk, 1)
-            weight = torch.zeros(xt.shape, dtype=torch.float64, device=self.device_)
-            for g in groups:
-                n = g.numel()
-                # stratified k across all K samples: sample s gets k from stratum s of [0, 1)
-                u = (torch.rand(1, generator=gen).item() + torch.arange(start, start + kk) / K) % 1.0
-                ks = (u * n).floor().long() + 1
-                for r in range(kk):
-                    order = torch.randperm(n, generator=gen)[: ks[r]].to(self.device_)
-                    xt[r, g[order]] = mask_id
-                    weight[r, g[order]] = n / ks[r].item()
-            masked = xt == mask_id
-            logits = self._logits(x0.expand_as(xt), xt, am, masked).double()
-            logits[:, mask_id] = float("-inf")
-            logp = logits.log_softmax(-1).gather(-1, x0.expand_as(xt)[masked][:, None])[:, 0]
-            total += (logp * weight[masked]).sum().item()
-        return total / K
+        return continuation_elbo(self.model, ctx, cont, samples or self.mc_samples, gen, self.batch_size_,
+                                 objective=self.objective)
 
     def _greedy(self, ctx, cont) -> bool:
-        x0, am, cpos = self._layout(ctx, cont)
-        xt = x0.clone()
-        xt[0, cpos] = self.cfg.mask_token_id
-        masked = xt == self.cfg.mask_token_id
-        logits = self._logits(x0, xt, am, masked)
-        logits[:, self.cfg.mask_token_id] = float("-inf")
-        return bool((logits.argmax(-1) == x0[masked]).all())
+        from dlm.likelihood import greedy_continuation
+
+        return greedy_continuation(self.model, ctx, cont, objective=self.objective)
 
     # -------------------------------------------------------------- generation
     def generate_until(self, requests, disable_tqdm: bool = False):
         """Requests with the same generation settings are decoded together, `batch_size` at a
         time (a batch gives each request the output it would get alone; tested in test_decode)."""
-        from dlm.decode import DecodeConfig, Decoder
+        from dlm.decoding import ARDecoder, Decoder
 
-        dec = None if self.is_ar else Decoder(self.model)
+        dec = ARDecoder(self.model) if self.is_ar else Decoder(self.model)
         jobs = []  # (index, prompt ids, until, settings key, DecodeConfig kwargs)
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
@@ -256,7 +204,9 @@ class DLMEvalModel(LM):
             max_new = int(gk.pop("max_gen_toks", 256))
             do_sample = _as_bool(gk.pop("do_sample", False))
             temperature = float(gk.pop("temperature", 0.0)) if do_sample else 0.0
-            opts = {**self.decoder_args, **{k: DECODER_ARGS[k](v) for k, v in gk.items() if k in DECODER_ARGS}}
+            opts = {**self.decoder_args, **{k: DecodeConfig.coerce(k, v) for k, v in gk.items() if k in DECODER_ARGS}}
+            if self.is_ar:  # the decoding options of diffusion models do not apply
+                opts = {k: v for k, v in opts.items() if k in ("top_k", "top_p")}
             keep = self.max_length - max_new - 1
             if keep < 1:
                 raise DLMError(f"max_gen_toks {max_new} leaves no room for the prompt in {self.max_length} positions")
@@ -271,15 +221,11 @@ class DLMEvalModel(LM):
         for job in jobs:
             groups.setdefault(job[3], []).append(job)
         for group in groups.values():
-            for b in range(0, len(group), 1 if self.is_ar else self.batch_size_):
-                chunk = group[b : b + (1 if self.is_ar else self.batch_size_)]
+            for b in range(0, len(group), self.batch_size_):
+                chunk = group[b : b + self.batch_size_]
                 kw = chunk[0][4]
-                if self.is_ar:
-                    i, prompt = chunk[0][0], chunk[0][1]
-                    outs = [self._ar_generate(prompt, kw["max_new_tokens"], kw["temperature"], self.seed + i)]
-                else:
-                    res = dec.generate([j[1] for j in chunk], DecodeConfig(**kw), seeds=[self.seed + j[0] for j in chunk])
-                    outs = [r.tokens for r in res]
+                res = _generate(dec, [j[1] for j in chunk], DecodeConfig(**kw), [self.seed + j[0] for j in chunk])
+                outs = [r.tokens for r in res]
                 for (i, _, until, _, _), tokens in zip(chunk, outs):
                     text = self.tok.decode(tokens, skip_special_tokens=True)
                     for s in until:  # token boundaries may hide a stop string: cut on the text too
@@ -288,32 +234,11 @@ class DLMEvalModel(LM):
                     texts[i] = text
         return texts
 
-    def _ar_generate(self, prompt, max_new, temperature, seed):
-        from dlm.sample import sample_ar, strip_after_eos
-
-        res = sample_ar(self.model, prompt, n=1, length=max_new, temperature=temperature, seed=seed)
-        return strip_after_eos(res.tokens[0, 1 + len(prompt):].tolist(), self.cfg.eos_token_id)
 
 
-def exact_elbo(model: DLMEvalModel, ctx: list[int], cont: list[int]) -> float:
-    """The ELBO by enumeration over every k and every set of k masked continuation positions
-    (whole continuation as one group; for tests of the Monte Carlo estimator on short inputs)."""
-    from itertools import combinations
-
-    x0, am, cpos = model._layout(ctx, cont)
-    n = len(cont)
-    mask_id = model.cfg.mask_token_id
-    total = 0.0
-    with torch.no_grad():
-        for k in range(1, n + 1):
-            subsets = list(combinations(range(n), k))
-            acc = 0.0
-            for S in subsets:
-                xt = x0.clone()
-                xt[0, cpos[list(S)]] = mask_id
-                masked = xt == mask_id
-                logits = model._logits(x0, xt, am, masked).double()
-                logits[:, mask_id] = float("-inf")
-                acc += logits.log_softmax(-1).gather(-1, x0[masked][:, None]).sum().item() * n / k
-            total += acc / len(subsets) / n
-    return total
+def _generate(decoder, prompts, config, seeds):
+    """Decode prompts with the decoder's step interface (Decoder and ARDecoder alike)."""
+    reqs = [decoder.new_request(p, config, s, rid=i) for i, (p, s) in enumerate(zip(prompts, seeds))]
+    while decoder.step(reqs):
+        pass
+    return [r.result for r in reqs]

@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     from dlm.data import build_lm_dataset
     from dlm.errors import DLMError
     from dlm.model import load_model
-    from dlm.ppl import perplexity
+    from dlm.likelihood import perplexity
     from dlm.tokenizer import load_tokenizer
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]

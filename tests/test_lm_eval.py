@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from dlm.evals.lm_eval_model import DLMEvalModel, exact_elbo  # noqa: E402
+from dlm.evals.lm_eval_model import DLMEvalModel  # noqa: E402
 from helpers import child_env  # noqa: E402
 
 from dlm.model import DLMConfig, DLMModel  # noqa: E402
@@ -21,6 +21,9 @@ V, BOS, EOS, PAD, MASK = 40, 0, 1, 2, 39
 
 def wrapped(objective, block=None, seed=0, **kw):
     """A DLMEvalModel around a random tiny model (skipping the loading from disk)."""
+    from dlm.families import family_of
+    from dlm.objectives import make_objective
+
     torch.manual_seed(seed)
     extra = {"num_hidden_layers": 1, "num_decoder_layers": 1} if objective == "e2d2" else {}
     cfg = DLMConfig.from_preset("debug", vocab_size=V, mask_token_id=MASK, bos_token_id=BOS, eos_token_id=EOS,
@@ -29,14 +32,37 @@ def wrapped(objective, block=None, seed=0, **kw):
     m = DLMEvalModel.__new__(DLMEvalModel)
     m.model, m.cfg, m.device_ = DLMModel(cfg).eval(), cfg, torch.device("cpu")
     m.batch_size_, m.mc_samples, m.max_length, m.seed, m.decoder_args = 256, 32, 64, 0, {}
-    m.is_ar, m.is_block = objective == "ar", objective in ("bd3lm", "e2d2")
-    if not m.is_ar:
-        from dlm.objectives import make_objective
-
-        m.objective = make_objective(cfg)
+    m.ll_method, m.family = "elbo", family_of(cfg)
+    m.is_ar = m.family.autoregressive
+    m.objective = None if m.is_ar else make_objective(cfg)
     for k, v in kw.items():
         setattr(m, k, v)
     return m
+
+
+def exact_elbo(m: DLMEvalModel, ctx: list[int], cont: list[int]) -> float:
+    """Test oracle: the ELBO by enumeration over every k and every set of k masked continuation
+    positions (the whole continuation as one group), with the n / k weight of k-DCE."""
+    from itertools import combinations
+
+    from dlm.likelihood import denoiser_logits, layout
+
+    x0, am, cpos = layout(m.model, ctx, cont)
+    n, mask_id = len(cont), m.cfg.mask_token_id
+    total = 0.0
+    with torch.no_grad():
+        for k in range(1, n + 1):
+            subsets = list(combinations(range(n), k))
+            acc = 0.0
+            for S in subsets:
+                xt = x0.clone()
+                xt[0, cpos[list(S)]] = mask_id
+                masked = xt == mask_id
+                logits = denoiser_logits(m.model, m.objective, x0, xt, am, masked).double()
+                logits[:, mask_id] = float("-inf")
+                acc += logits.log_softmax(-1).gather(-1, x0[masked][:, None]).sum().item() * n / k
+            total += acc / len(subsets) / n
+    return total
 
 
 @pytest.mark.parametrize("objective,block", [("mdlm", None), ("radd", None), ("bd3lm", 4), ("e2d2", 4)])
@@ -71,7 +97,7 @@ def test_ar_loglikelihood_is_the_exact_sum_of_log_probs():
     m = wrapped("ar")
     ctx, cont = [BOS, 5, 6, 7], [8, 9, 10]
     with torch.no_grad():
-        ll, greedy = m._ar_score(ctx, cont)
+        ((ll, greedy),) = m.score_pairs([(ctx, cont)])
         logp = m.model(torch.tensor([ctx + cont]), is_causal=True).logits[0].log_softmax(-1)
     ref = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
     assert ll == pytest.approx(ref, abs=1e-5)

@@ -14,7 +14,7 @@ import torch
 
 from dlm.model import DLMModel
 from dlm.objectives import make_objective
-from dlm.ppl import perplexity
+from dlm.likelihood import perplexity
 
 MODELS = Path(__file__).parent / "golden" / "models"
 
