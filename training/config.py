@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dlm.errors import DLMError
-from dlm.presets import OBJECTIVES, PRESETS
+from dlm.families import OBJECTIVES, family
+from dlm.presets import PRESETS
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -71,7 +72,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise DLMError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; use "
                                f"{', '.join(map(str, allowed))}")
-        if self.objective in ("bd3lm", "e2d2"):
+        fam = family(self.objective)
+        if fam.block_causal:
             if not self.block_size:
                 raise DLMError(f"--objective {self.objective} needs --block-size (e.g. 4, 8 or 16)")
             if self.block_size < 1 or self.seq_len % self.block_size:
@@ -79,11 +81,11 @@ class TrainConfig:
                                "choose a block size that divides the sequence length")
             parse_noise_window(self.noise_window)
         elif self.block_size:
-            raise DLMError(f"--block-size applies to bd3lm and e2d2, not {self.objective}; drop it")
+            raise DLMError(f"--block-size applies to block-causal models (bd3lm, e2d2), not {self.objective}; drop it")
         if self.max_positions is not None and self.max_positions < self.seq_len:
             raise DLMError(f"--max-positions {self.max_positions} is below --seq-len {self.seq_len}; raise it")
-        if self.decoder_layers is not None and self.objective != "e2d2":
-            raise DLMError(f"--decoder-layers applies to e2d2, not {self.objective}; drop it")
+        if self.decoder_layers is not None and not fam.encoder_decoder:
+            raise DLMError(f"--decoder-layers applies to encoder-decoder models (e2d2), not {self.objective}; drop it")
         if self.threads is not None and self.threads < 1:
             raise DLMError(f"--threads must be at least 1, got {self.threads}")
         for name in ("max_steps", "micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "save_every"):

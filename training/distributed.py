@@ -96,6 +96,22 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_CPU_GROUP = []
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank, through a CPU (gloo) group: no wait on an accelerator
+    (a stop request is checked every step; the loss is only read at logging steps)."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    if not _CPU_GROUP:
+        _CPU_GROUP.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, group=_CPU_GROUP[0])
+    return bool(t.item())
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -4,12 +4,11 @@
     torchrun --nproc_per_node 2 -m dlm.cli train --micro-batch 8 ...     # two processes
     deepspeed --num_accelerators 2 --module dlm.cli train ...            # DeepSpeed launcher
 
-Flow: corpus -> tokenizer (trained here unless given) -> packed dataset (cached) -> model +
-objective -> DeepSpeed engine -> loop (validation, metrics, checkpoints) -> OUTPUT_DIR/model.
-
-Determinism: the data order and the diffusion noise of step s are functions of (seed, s) over
-the *global* batch; every rank takes its rows. Hence `--resume` continues the exact loss curve
-and N processes x micro-batch b match one process x (N b) up to float reduction order.
+`Trainer.run` reads: setup (tokenizer, packed data, model, objective, DeepSpeed engine, resume)
+-> for every step: train_step (the micro-batches of the global batch; the loss stays on the
+device) -> log -> evaluate -> checkpoint -> export OUTPUT_DIR/model. The data order and noise
+of every step come from training/schedule.py (exact resume; N processes match one), what is
+reported from training/metrics.py, the model from training/model_init.py.
 """
 
 from __future__ import annotations
@@ -21,71 +20,35 @@ import shutil
 import signal
 import sys
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from dlm.training import checkpoint
 from dlm.training import distributed as D
 from dlm.training.config import TrainConfig, deepspeed_config, parse_noise_window
+from dlm.training.metrics import MetricsWriter, Progress
+from dlm.training.model_init import build_model
+from dlm.training.schedule import EMA, global_rows, lr_lambda, step_generator
 
 from dlm.errors import DLMError, MissingSplitError
+from dlm.families import family
 from dlm.noise import effective_mask
 
 
-class EMA:
-    """Exponential moving average of the weights, kept in float32 on the model's device."""
+@dataclass
+class Run:
+    """What setup() builds and the loop uses."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
-
-    def state_dict(self) -> dict:
-        return {n: t.cpu() for n, t in self.shadow.items()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for n, t in sd.items():
-            self.shadow[n].copy_(t)
-
-    @torch.no_grad()
-    def swap(self, model: torch.nn.Module) -> None:
-        """Exchange the live weights and the EMA weights (call twice to restore)."""
-        for n, p in model.named_parameters():
-            tmp = p.detach().clone()
-            p.copy_(self.shadow[n].to(p.dtype))
-            self.shadow[n].copy_(tmp.float())
-
-
-def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up, then cosine decay to min_lr_ratio at max_steps."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / max(1, cfg.warmup_steps)
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
-
-    return f
-
-
-def global_rows(step: int, n_rows: int, global_batch: int, seed: int) -> torch.Tensor:
-    """Dataset rows of optimizer step `step`: consecutive slices of per-epoch permutations."""
-    start = step * global_batch
-    out = []
-    while len(out) < global_batch:
-        epoch, offset = divmod(start + len(out), n_rows)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.extend(perm[offset : offset + global_batch - len(out)].tolist())
-    return torch.tensor(out)
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed + 1) * 1_000_003 + step)
+    tok: Any
+    train_ds: Any
+    val_ds: Any
+    objective: Any
+    engine: Any
+    ema: Optional[EMA]
+    zero_stage: int
+    bf16: bool
+    step: int  # the step to continue from (0, or the resumed checkpoint's)
 
 
 class Trainer:
@@ -180,55 +143,45 @@ class Trainer:
         return train.with_format("torch"), val.with_format("torch")
 
     def build_model(self, tok):
-        from dlm.model import PRESETS, DLMConfig, DLMModel, e2d2_layer_split, load_model
-        from dlm.tokenizer import (
-            check_tokenizer_for_model,
-            model_vocab_size,
-            special_token_ids,
-        )
+        return build_model(self.cfg, tok, log=self.log)
+
+    def setup(self) -> Run:
+        """Output directory, tokenizer, data, model, objective, DeepSpeed engine; resume."""
+        import deepspeed
+
+        from dlm.objectives import make_objective
 
         cfg = self.cfg
-        ids = special_token_ids(tok)
-        torch.manual_seed(cfg.seed)
-        if cfg.init_from:
-            model = load_model(cfg.init_from)
-            if bool(model.config.time_conditioning) != bool(cfg.time_conditioning):
-                have = "with" if model.config.time_conditioning else "without"
-                raise DLMError(f"--init-from {cfg.init_from} was trained {have} time conditioning; pass "
-                               f"--{'' if model.config.time_conditioning else 'no-'}time-conditioning to match it")
-            if model.config.objective != cfg.objective:
-                _convert_objective(model, cfg)
-                self.log(f"initialising a {cfg.objective} model from the weights of {cfg.init_from}")
-            check_tokenizer_for_model(tok, model.config, where=f"--init-from {cfg.init_from}")
-        else:
-            extra = {}
-            if cfg.objective in ("bd3lm", "e2d2"):
-                extra["block_size"] = cfg.block_size
-                extra["attention_backend"] = cfg.attention_backend
-            if cfg.objective == "e2d2":
-                # Same total depth as the other models: the decoder's layers come out of the preset's.
-                if cfg.size in PRESETS:  # (an unknown size is reported by from_preset below)
-                    enc, dec = e2d2_layer_split(PRESETS[cfg.size][1], cfg.decoder_layers)
-                    extra.update(num_hidden_layers=enc, num_decoder_layers=dec)
-            mcfg = DLMConfig.from_preset(
-                cfg.size,
-                **extra,
-                vocab_size=model_vocab_size(tok),
-                objective=cfg.objective,
-                time_conditioning=cfg.time_conditioning,
-                max_position_embeddings=cfg.max_positions or max(1024, cfg.seq_len),
-                mask_token_id=ids["mask"],
-                bos_token_id=ids["bos"],
-                eos_token_id=ids["eos"],
-                pad_token_id=ids["pad"],
-            )
-            model = DLMModel(mcfg)
-        if cfg.seq_len > model.config.max_position_embeddings:
-            raise DLMError(f"--seq-len {cfg.seq_len} exceeds the model's maximum of "
-                           f"{model.config.max_position_embeddings}; lower --seq-len")
-        return model
+        if self.dist.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            checkpoint.atomic_write_text(os.path.join(self.out, "train_config.json"), json.dumps(cfg.to_dict(), indent=1))
+        tok = self.setup_tokenizer()
+        train_ds, val_ds = self.setup_data(tok)
+        model = self.build_model(tok)
+        opts = {"loss_type": cfg.radd_loss}  # (make_objective passes on only what the objective takes)
+        self.search_windows = False
+        if family(cfg.objective).block_causal:  # one noise level per block: the clipped schedule
+            window = parse_noise_window(cfg.noise_window)
+            self.search_windows = window is None
+            opts["t_range"] = window or (0.0, 1.0)  # full range until the first search
+        objective = make_objective(model.config, **opts)
+        bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        ds_cfg = deepspeed_config(cfg, self.dist.world_size, bf16)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)), config=ds_cfg)
+        ema = EMA(engine.module, cfg.ema) if cfg.ema > 0 else None
+        step = 0
+        if cfg.resume and self.has_checkpoint():
+            step, state = checkpoint.load(engine, self.ckpt_dir, ema)
+            if state.get("noise_window") and hasattr(objective, "t_range"):
+                objective.t_range = tuple(state["noise_window"])
+            self.log(f"resumed from step {step}")
+        elif cfg.resume:
+            self.log(f"--resume: no checkpoint in {self.ckpt_dir} yet, starting fresh")
+        return Run(tok, train_ds, val_ds, objective, engine, ema, ds_cfg["zero_optimization"]["stage"], bf16, step)
 
-    # ---------------------------------------------------------------- loop
     def _install_signal_handlers(self):
         def handler(signum, frame):
             if self.stop_requested:  # second Ctrl-C: give up at once
@@ -260,112 +213,50 @@ class Trainer:
             raise
 
     def _run(self) -> str:
-        import deepspeed
-
-        from dlm.objectives import make_objective
-
-        cfg = self.cfg
-        if self.dist.is_main:
-            os.makedirs(self.out, exist_ok=True)
-            checkpoint.atomic_write_text(os.path.join(self.out, "train_config.json"), json.dumps(cfg.to_dict(), indent=1))
-        tok = self.setup_tokenizer()
-        train_ds, val_ds = self.setup_data(tok)
-        model = self.build_model(tok)
-        opts = {"loss_type": cfg.radd_loss} if cfg.objective == "radd" else {}
-        self.search_windows = False
-        if cfg.objective in ("bd3lm", "e2d2"):
-            window = parse_noise_window(cfg.noise_window)
-            self.search_windows = window is None
-            opts["t_range"] = window or (0.0, 1.0)  # full range until the first search
-        objective = make_objective(model.config, **opts)
-
-        use_bf16 = cfg.precision == "bf16" or (
-            cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        )
-        ds_cfg = deepspeed_config(cfg, self.dist.world_size, use_bf16)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
-            config=ds_cfg,
-        )
-        ema = EMA(engine.module, cfg.ema) if cfg.ema > 0 else None
-
-        step = 0
-        if cfg.resume and self.has_checkpoint():
-            step, state = checkpoint.load(engine, self.ckpt_dir, ema)
-            if state.get("noise_window") and hasattr(objective, "t_range"):
-                objective.t_range = tuple(state["noise_window"])
-            self.log(f"resumed from step {step}")
-        elif cfg.resume:
-            self.log(f"--resume: no checkpoint in {self.ckpt_dir} yet, starting fresh")
-        metrics = MetricsWriter(self.out, step, self.dist.is_main, cfg.tensorboard)
-
+        cfg, run = self.cfg, self.setup()
+        engine, step = run.engine, run.step
         W, mb, acc = self.dist.world_size, cfg.micro_batch, cfg.grad_accum
         G = W * mb * acc
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
-        self.log(
-            f"{cfg.objective} | {n_params / 1e6:.2f}M params | {len(train_ds)} train / {len(val_ds)} val sequences "
-            f"of {cfg.seq_len} | global batch {G} ({W} proc x {mb} x {acc} accum) | bf16={use_bf16} zero={ds_cfg['zero_optimization']['stage']}"
-        )
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: partitioned
+        self.log(f"{cfg.objective} | {n_params / 1e6:.2f}M params | {len(run.train_ds)} train / {len(run.val_ds)} val "
+                 f"sequences of {cfg.seq_len} | global batch {G} ({W} proc x {mb} x {acc} accum) | bf16={run.bf16} "
+                 f"zero={run.zero_stage}")
         self._install_signal_handlers()
+        metrics = MetricsWriter(self.out, step, self.dist.is_main, cfg.tensorboard)
         progress = Progress(cfg.max_steps, step, self.dist.is_main)
         tokens_per_step = G * cfg.seq_len
-        t_last, loss_acc, steps_acc = time.perf_counter(), 0.0, 0
-        device = self.dist.device
+        window_loss = torch.zeros((), dtype=torch.float64, device=self.dist.device)  # summed until a log step
+        t_last, steps_acc = time.perf_counter(), 0
         stop_at = step + cfg.stop_after_steps if cfg.stop_after_steps else None
         engine.train()
         try:
             while step < cfg.max_steps:
-                rows = global_rows(step, len(train_ds), G, cfg.seed)
-                noise = objective.draw_noise(G, cfg.seq_len, step_generator(cfg.seed, step))
-                step_loss = 0.0
-                logging_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-                grad_norm = None
-                for a in range(acc):
-                    lo = a * W * mb + self.dist.rank * mb
-                    batch = train_ds[rows[lo : lo + mb].tolist()]
-                    ids = batch["input_ids"].to(device)
-                    am = batch["attention_mask"].to(device)
-                    am = effective_mask(am)
-                    micro_noise = {k: v[lo : lo + mb] for k, v in noise.items()}
-                    out = objective.loss(engine, ids, am, micro_noise)
-                    engine.backward(out.loss)
-                    if logging_step and a == acc - 1 and ds_cfg["zero_optimization"]["stage"] == 0:
-                        grad_norm = _grad_norm(engine.module)  # DeepSpeed reports none at ZeRO 0
-                    engine.step()
-                    step_loss += out.loss.item() / acc
+                logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+                loss, grad_norm = self.train_step(run, step, want_grad_norm=logging)
                 step += 1
-                if ema is not None:
-                    ema.update(engine.module)
-                # One small all-reduce per step: the mean loss and whether any rank was interrupted.
-                flags = D.all_reduce_sum(torch.tensor([step_loss, float(self.stop_requested)], device=device))
-                step_loss = flags[0].item() / W
-                self.stop_requested = flags[1].item() > 0
-                loss_acc += step_loss
+                window_loss += loss
                 steps_acc += 1
-                progress.update(step, step_loss, tokens_per_step)
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                self.stop_requested = D.any_rank(self.stop_requested)
+                rec = None
+                if logging:
                     now = time.perf_counter()
-                    rec = {
-                        "step": step,
-                        "loss": loss_acc / steps_acc,
-                        "lr": engine.get_lr()[0],
-                        "grad_norm": _maybe_float(engine.get_global_grad_norm()) if grad_norm is None else grad_norm,
-                        "tokens_per_s": steps_acc * tokens_per_step / (now - t_last),
-                        "tokens_seen": step * tokens_per_step,
-                    }
+                    rec = {"step": step, "loss": D.all_reduce_sum(window_loss.clone()).item() / W / steps_acc,
+                           "lr": engine.get_lr()[0],
+                           "grad_norm": _maybe_float(engine.get_global_grad_norm()) if grad_norm is None else grad_norm,
+                           "tokens_per_s": steps_acc * tokens_per_step / (now - t_last),
+                           "tokens_seen": step * tokens_per_step}
                     metrics.write(rec)
                     progress.note(rec)
-                    t_last, loss_acc, steps_acc = now, 0.0, 0
+                    t_last, steps_acc = now, 0
+                    window_loss.zero_()
+                progress.update(step, tokens_per_step, None if rec is None else rec["loss"])
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    val = self.evaluate(engine, objective, val_ds, ema)
+                    val = self.evaluate(engine, run.objective, run.val_ds, run.ema)
                     metrics.write({"step": step, **val})
                     progress.note({"step": step, **val})
-                pause = stop_at is not None and step >= stop_at and step < cfg.max_steps
+                pause = stop_at is not None and stop_at <= step < cfg.max_steps
                 if step % cfg.save_every == 0 or self.stop_requested or pause:
-                    checkpoint.save(engine, self.ckpt_dir, step, self._state(step, objective), ema,
-                                    keep=cfg.keep_checkpoints)
+                    self.checkpoint(run, step)
                 if self.stop_requested:
                     progress.close()
                     self.log(f"saved checkpoint at step {step}; continue with --resume")
@@ -377,9 +268,37 @@ class Trainer:
             progress.close()
             metrics.close()
         if step % cfg.save_every:
-            checkpoint.save(engine, self.ckpt_dir, step, self._state(step, objective), ema,
-                            keep=cfg.keep_checkpoints)
-        return self.export(engine, tok, ema)
+            self.checkpoint(run, step)
+        return self.export(engine, run.tok, run.ema)
+
+    def train_step(self, run: Run, step: int, want_grad_norm: bool = False):
+        """One optimizer step over the global batch of `step` (this rank's micro-batches). Returns
+        this rank's mean loss as a device tensor (read at logging steps only) and, when asked and
+        DeepSpeed reports none (ZeRO 0), the gradient norm."""
+        cfg, engine, device = self.cfg, run.engine, self.dist.device
+        W, mb, acc = self.dist.world_size, cfg.micro_batch, cfg.grad_accum
+        G = W * mb * acc
+        rows = global_rows(step, len(run.train_ds), G, cfg.seed)
+        noise = run.objective.draw_noise(G, cfg.seq_len, step_generator(cfg.seed, step))
+        loss, grad_norm = torch.zeros((), dtype=torch.float64, device=device), None
+        for a in range(acc):
+            lo = a * W * mb + self.dist.rank * mb
+            batch = run.train_ds[rows[lo : lo + mb].tolist()]
+            ids = batch["input_ids"].to(device)
+            am = effective_mask(batch["attention_mask"].to(device))
+            out = run.objective.loss(engine, ids, am, {k: v[lo : lo + mb] for k, v in noise.items()})
+            engine.backward(out.loss)
+            if want_grad_norm and a == acc - 1 and run.zero_stage == 0:
+                grad_norm = _grad_norm(engine.module)
+            engine.step()
+            loss += out.loss.detach() / acc
+        if run.ema is not None:
+            run.ema.update(engine.module)
+        return loss, grad_norm
+
+    def checkpoint(self, run: Run, step: int) -> None:
+        checkpoint.save(run.engine, self.ckpt_dir, step, self._state(step, run.objective), run.ema,
+                        keep=self.cfg.keep_checkpoints)
 
     @torch.no_grad()
     def _val_nll(self, engine, objective, val_ds, batches: range, seed: int) -> float:
@@ -434,7 +353,7 @@ class Trainer:
         engine.train()
         if ema is not None:
             ema.swap(engine.module)
-        key = "val_ppl" if objective.name == "ar" else "val_ppl_bound"
+        key = "val_ppl" if family(self.cfg.objective).autoregressive else "val_ppl_bound"
         return {"val_nll": nll, key: math.exp(min(nll, 50.0)), **extra}
 
     def search_window(self, engine, objective, val_ds, draws: int = 4) -> tuple[float, float]:
@@ -476,26 +395,6 @@ class Trainer:
         return final
 
 
-# Objectives that share one backbone (the same parameters; only masks and losses differ), so
-# weights carry over: BD3-LM from MDLM (the BD3-LM paper's recipe), MDLM / RADD from an AR model
-# (DiffuLLaMA / Dream adapt AR models), or an MDLM from a BD3-LM.
-_SHARED_BACKBONE = ("mdlm", "radd", "bd3lm", "ar")
-
-
-def _convert_objective(model, cfg: TrainConfig) -> None:
-    """--init-from with another objective: continue from the weights under cfg.objective."""
-    src, mc = model.config.objective, model.config
-    if src not in _SHARED_BACKBONE or cfg.objective not in _SHARED_BACKBONE:
-        raise DLMError(f"--init-from {cfg.init_from} is a {src!r} model and --objective is {cfg.objective!r}: "
-                       f"their weights do not carry over (only {', '.join(_SHARED_BACKBONE)} share a backbone); "
-                       "pass the matching objective")
-    mc.objective = cfg.objective
-    mc.block_size = cfg.block_size if cfg.objective == "bd3lm" else None
-    if cfg.objective == "bd3lm":
-        mc.attention_backend = cfg.attention_backend
-    mc.validate()
-
-
 def _readable(folder: str) -> None:
     """Files as the umask says (safetensors writes its temporary files 0600)."""
     umask = os.umask(0)
@@ -526,101 +425,6 @@ NOISE_WINDOWS = ((0.0, 1.0), (0.3, 0.8), (0.5, 1.0), (0.2, 0.7), (0.45, 0.95), (
 RESUME_FIXED = ("objective", "size", "seq_len", "pack", "data", "text_field", "tokenizer", "vocab_size",
                 "time_conditioning", "radd_loss", "seed", "init_from", "block_size", "decoder_layers",
                 "max_positions")
-
-
-class MetricsWriter:
-    """metrics.jsonl (always) and TensorBoard (when installed); rank 0 only.
-
-    On resume, records after the resumed step are dropped so the file holds one clean curve.
-    """
-
-    def __init__(self, out_dir: str, start_step: int, active: bool, tensorboard: bool):
-        self.active = active
-        self.tb = None
-        if not active:
-            return
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        if os.path.isfile(self.path):
-            keep = [line for line in open(self.path) if line.strip() and json.loads(line)["step"] <= start_step]
-            checkpoint.atomic_write_text(self.path, "".join(keep))
-        self.f = open(self.path, "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-            except Exception:  # tensorboard not installed
-                self.tb = None
-
-    def write(self, rec: dict) -> None:
-        if not self.active:
-            return
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, rec["step"])
-
-    def close(self) -> None:
-        if self.active:
-            self.f.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-class Progress:
-    """A rich progress bar (loss, tokens/s, ETA) on a terminal; plain log lines otherwise."""
-
-    def __init__(self, total: int, start: int, active: bool):
-        self.active = active
-        self.bar = None
-        if not active:
-            return
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        if self.console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RichProgress
-
-            self.bar = RichProgress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=self.console,
-            )
-            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
-            self.bar.start()
-        self.t = time.perf_counter()
-
-    def update(self, step: int, loss: float, tokens: int) -> None:
-        if self.bar is None:
-            return
-        now = time.perf_counter()
-        tps = tokens / max(now - self.t, 1e-9)
-        self.t = now
-        self.bar.update(self.task, completed=step, loss=loss, tps=tps)
-
-    def note(self, rec: dict) -> None:
-        if not self.active:
-            return
-        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items() if v is not None)
-        if self.bar is not None:
-            self.bar.console.log(text)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
 
 
 def train(cfg: TrainConfig) -> str:
