@@ -6,6 +6,7 @@ canvas* at every step:
 
     spec.py      Constraint (what the user asks for) and make_constraint
     schema.py    JSON Schema prepared for the engines; the final check of every output
+    routing.py   which engine enforces a prepared schema exactly (token DFA or grammar)
     tokens.py    the bytes of each token id
     regular.py   token DFA + DINGO's dynamic program (regular constraints)
     grammar.py   llguidance + witnesses (context-free constraints, large bounds)

@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from dlm.constraints import routing as R
 from dlm.constraints import schema as S
 from dlm.constraints.grammar import GrammarEngine, GrammarSession
 from dlm.constraints.regular import RegularSession, TokenDFA
@@ -214,9 +215,9 @@ class ConstraintCompiler:
 
         prepared = S.prepare(constraint.schema)
         route = "grammar (not regular)"
-        schema = S.small_ranges_as_enums(prepared.schema)
-        if not prepared.approximate and S.regular_candidate(schema):
-            if not S.numeric_bounds(schema):
+        schema = R.small_ranges_as_enums(prepared.schema)
+        if not prepared.approximate and R.regular_candidate(schema):
+            if not R.numeric_bounds(schema):
                 from outlines_core.json_schema import build_regex_from_schema
 
                 try:
