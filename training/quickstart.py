@@ -18,6 +18,7 @@ def quickstart(args) -> dict:
     from dlm.training.trainer import train
 
     from dlm.data import build_lm_dataset
+    from dlm.families import family_of
     from dlm.model import load_model
     from dlm.likelihood import perplexity
     from dlm.sample import sample, strip_after_eos
@@ -48,7 +49,8 @@ def quickstart(args) -> dict:
         val = build_lm_dataset("default", tok, 128, split="validation").with_format("torch")
         res = perplexity(model, val, batch_size=16, mc_samples=4, max_batches=8)
         prompt = tok.encode("add: 12+30=", add_special_tokens=False)
-        s = sample(model, prompt, n=3, length=24, steps=24, temperature=0.0 if objective == "ar" else 1.0, seed=0)
+        greedy = family_of(model.config).autoregressive  # AR: greedy; diffusion: the model's own distribution
+        s = sample(model, prompt, n=3, length=24, steps=24, temperature=0.0 if greedy else 1.0, seed=0)
         texts = [tok.decode(strip_after_eos(r[1 + len(prompt):], model.config.eos_token_id)) for r in s.tokens.tolist()]
         results[objective] = {"val_ppl": res["ppl"], "bound": res["bound"], "tokens": res["tokens"],
                               "ppl_low": res["ppl_low"], "ppl_high": res["ppl_high"], "samples": texts, "nfe": s.nfe}
