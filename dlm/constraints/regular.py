@@ -286,7 +286,10 @@ class TokenDFA:
                 query: Sequence[int]) -> torch.Tensor:
         """(len(query), V) bool: tokens that slot query[j] (masked) can take in some valid
         completion of the whole canvas (each slot on its own)."""
-        rows = self.allowed_classes(state, slots, mask_id, left_after, query)
+        return self.per_token(self.allowed_classes(state, slots, mask_id, left_after, query))
+
+    def per_token(self, rows: np.ndarray) -> torch.Tensor:
+        """(n, C) bool over token classes -> (n, V) bool over token ids."""
         return torch.from_numpy(np.take(rows, self._classes().cls_of, axis=1))
 
     def allowed_classes(self, state: int, slots: Sequence[int], mask_id: int, left_after: int,
@@ -470,7 +473,7 @@ class RegularSession:
         sets = dfa.state_sets(state, slots[f:e], self.mask_id, self.n - e)
         self._sets = (list(slots), f, e, state, sets)
         rows = dfa.allowed_classes(state, slots[f:e], self.mask_id, self.n - e, [q - f for q in query], sets)
-        return torch.from_numpy(np.take(~rows, dfa._classes().cls_of, axis=1))
+        return dfa.per_token(~rows)
 
     def assignment(self, slots: list[int], scores: dict[int, torch.Tensor],
                    exact: bool = False) -> Optional[dict[int, int]]:
