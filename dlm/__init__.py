@@ -1,16 +1,17 @@
 """dlm: discrete (masked / absorbing) diffusion language models.
 
-Library layout (one file per concern; see README for the tour):
-  corpus.py      embedded default corpus (stdlib English text + checkable tasks), no network
-  tasks.py       procedurally generated tasks with a scorer per task
-  tokenizer.py   train / load tokenizers, ensure [MASK] and friends
-  data.py        HF datasets loading, tokenization, wrap / pad, on-disk cache
-  model.py       the transformer backbone (HF PreTrainedModel) and size presets
-  noise.py       noise schedules and the absorbing (masking) forward process
-  objectives.py  MDLM, RADD and AR losses behind one interface
-  ppl.py         NELBO perplexity bound (diffusion) and exact perplexity (AR)
+Library layout (the README's Layout section has every file):
+  families.py    what differs between model kinds (block-causal, caches, objective), in one place
+  model.py       the transformer backbone (HF PreTrainedModel); presets.py its sizes
+  noise.py       the noise schedule (built from the model config) and the masking process
+  objectives.py  MDLM, RADD, AR, BD3-LM and E2D2 losses behind one interface
+  blocks.py      block-causal attention masks
+  likelihood.py  perplexity, Monte Carlo ELBO, chain and exact AR scores
+  decoding/      the decoder: config, unmask policies, caches, sampling, stopping, engine
+  constraints/   regex / JSON Schema / choice / grammar constrained decoding
   sample.py      reference samplers used by `dlm sample`
-  export.py      AR baseline -> standard HF LlamaForCausalLM
+  corpus.py, tasks.py, tokenizer.py, data.py   the embedded corpus, checkable tasks, data
+  cli/           the `dlm` command
 """
 
 __version__ = "0.1.0"
