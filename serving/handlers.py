@@ -20,12 +20,13 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from dlm.decoding.config import DecodeConfig, OptionError, server_fields
+from dlm.decoding.config import DecodeConfig, OptionError
 from dlm.decoding.state import DecodeResult
 from dlm.errors import DLMError
 from dlm.families import family_of
 
 from .protocol import (
+    DECODE_OPTIONS,
     DIFFUSION_OPTIONS,
     APIError,
     ChatMessage,
@@ -122,7 +123,7 @@ class Service:
         if self.is_ar and given:
             raise APIError(400, f"{', '.join(given)}: diffusion decoding options; this server runs the "
                                 "autoregressive baseline, which decodes one token per step", param=given[0])
-        over = {k: DecodeConfig.coerce(k, getattr(body, k)) for k in server_fields() if getattr(body, k) is not None}
+        over = {k: DecodeConfig.coerce(k, getattr(body, k)) for k in DECODE_OPTIONS if getattr(body, k) is not None}
         stops = self.stop_strings(body)
         if any(not s for s in stops):
             raise APIError(400, "stop strings must not be empty", param="stop")

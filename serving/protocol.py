@@ -22,8 +22,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed range (int64)
 DecodeOptions = create_model("DecodeOptions", __config__=ConfigDict(extra="allow", populate_by_name=True),
                              ignore_eos=(Optional[bool], None), **server_fields())
 
+DECODE_OPTIONS = tuple(server_fields())  # their names
 # The options above that only a diffusion model has (the AR server refuses them).
-DIFFUSION_OPTIONS = tuple(name for name in server_fields() if name != "top_k")
+DIFFUSION_OPTIONS = tuple(name for name in DECODE_OPTIONS if name != "top_k")
 
 
 class StructuredOutputs(BaseModel):
