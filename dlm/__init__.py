@@ -3,6 +3,8 @@
 Library layout (the README's Layout section has every file):
   families.py    what differs between model kinds (block-causal, caches, objective), in one place
   model.py       the transformer backbone (HF PreTrainedModel); presets.py its sizes
+  loading.py     load_model / save_model: dlm checkpoints and published families, dirs or hub ids
+  formats/       the published families' config and tensor names (LLaDA, Dream, SDAR, ...)
   noise.py       the noise schedule (built from the model config) and the masking process
   objectives.py  MDLM, RADD, AR, BD3-LM and E2D2 losses behind one interface
   blocks.py      block-causal attention masks
@@ -15,3 +17,11 @@ Library layout (the README's Layout section has every file):
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("load_model", "save_model", "load_tokenizer_for"):  # torch only when used
+        import dlm.loading
+
+        return getattr(dlm.loading, name)
+    raise AttributeError(f"module 'dlm' has no attribute {name!r}")

@@ -10,8 +10,9 @@ model type:
     fam = family_of(model.config)          # or family("bd3lm")
     fam.block_causal, fam.caches, fam.resolve_cache("auto"), fam.canvas_length(P, N, block_size)
 
-Torch-free: the command line lists choices from here without importing torch. Published model
-families (LLaDA, Dream, SDAR, ...) are declared here too when their formats are supported.
+Torch-free: the command line lists choices from here without importing torch. The published
+families (LLaDA, Dream, Fast-dLLM v2, SDAR) are declared here too; dlm/formats/ reads and
+writes their checkpoints.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ class Family:
     default_cache: str = "none"  # what --cache auto means
     backbone: str = "dlm"  # families with the same backbone share weights (--init-from across them)
     time_conditioning: bool = False  # the network may take the noise level as input
+    # published checkpoints (dlm/formats/): the format module that reads and writes them, the
+    # config model_type it recognises, whether logits come one position late, and the decoding a
+    # user gets without options
+    format: Optional[str] = None
+    model_type: Optional[str] = None
+    logit_shift: int = 0
+    prepend_bos: bool = True  # dlm's canvases start with BOS; published models take prompts as tokenized
+    block_size: Optional[int] = None  # a published block-causal model's block
+    defaults: tuple = ()  # (option, value) pairs of DecodeConfig
 
     def resolve_cache(self, cache: str) -> str:
         """"auto" -> the default; any other name checked against the allowed ones."""
@@ -57,6 +67,16 @@ class Family:
     def shares_backbone(self, other: "Family") -> bool:
         return self.backbone == other.backbone and self.backbone != "own"
 
+    def prefix(self, prompt, bos_id: Optional[int]) -> list[int]:
+        """The canvas before the answer: BOS + prompt for dlm's own models; the prompt as the
+        tokenizer (or chat template) gave it for published ones (BOS alone for an empty one)."""
+        prompt = [int(t) for t in prompt]
+        if self.prepend_bos or not prompt:
+            if bos_id is None:
+                raise DLMError("an empty prompt needs a BOS token, and this model has none; give a prompt")
+            return [int(bos_id), *prompt]
+        return prompt
+
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -70,10 +90,27 @@ FAMILIES: dict[str, Family] = {
                caches=("none", "exact"), default_cache="exact"),
         Family("e2d2", "encoder-decoder block diffusion (Arriola et al. 2025)", "e2d2", block_causal=True,
                encoder_decoder=True, caches=("none", "exact"), default_cache="exact", backbone="own"),
+        # published diffusion LMs, read and written in their own formats (dlm/formats/)
+        Family("llada", "LLaDA (Nie et al. 2025): GSAI-ML/LLaDA-8B-Base / -Instruct, LLaDA-1.5", "mdlm",
+               caches=("none", "prefix", "dual"), default_cache="dual", backbone="llada", format="llada",
+               model_type="llada", prepend_bos=False,
+               defaults=(("unmask", "threshold"), ("threshold", 0.9), ("block_length", 32))),
+        Family("dream", "Dream 7B (Ye et al. 2025): Dream-org/Dream-v0-Base-7B / -Instruct-7B", "mdlm",
+               caches=("none", "prefix", "dual"), default_cache="dual", backbone="dream", format="qwen",
+               model_type="Dream", logit_shift=1, prepend_bos=False,
+               defaults=(("unmask", "threshold"), ("threshold", 0.9), ("block_length", 32))),
+        Family("fast_dllm_v2", "Fast-dLLM v2 (Wu et al. 2025): Efficient-Large-Model/Fast_dLLM_v2_1.5B / _7B",
+               "bd3lm", block_causal=True, caches=("none", "exact"), default_cache="exact", backbone="fast_dllm_v2",
+               format="qwen", model_type="Fast_dLLM_Qwen", logit_shift=1, prepend_bos=False, block_size=32,
+               defaults=(("unmask", "threshold"), ("threshold", 0.9))),
+        Family("sdar", "SDAR (JetAstra 2025): JetLM/SDAR-1.7B-Chat / -4B-Chat / -8B-Chat", "bd3lm",
+               block_causal=True, caches=("none", "exact"), default_cache="exact", backbone="sdar", format="qwen",
+               model_type="sdar", prepend_bos=False, block_size=4,
+               defaults=(("unmask", "threshold"), ("threshold", 0.9))),
     )
 }
 
-OBJECTIVES = tuple(FAMILIES)  # the model types of dlm's own checkpoints (config.objective)
+OBJECTIVES = tuple(f.name for f in FAMILIES.values() if f.format is None)  # dlm's own (config.objective)
 CACHES = ("none", "prefix", "dual", "exact")  # every decoder cache (dlm.decoding.caches)
 
 
@@ -85,5 +122,10 @@ def family(name: str) -> Family:
 
 
 def family_of(config) -> Family:
-    """The family of a model config (dlm's own checkpoints: its `objective`)."""
-    return family(getattr(config, "objective", None))
+    """The family of a model config: its `family` (published models), else its `objective`."""
+    return family(getattr(config, "family", None) or getattr(config, "objective", None))
+
+
+def family_for_model_type(model_type: str) -> Optional[Family]:
+    """The published family whose checkpoints carry this config `model_type`, if any."""
+    return next((f for f in FAMILIES.values() if f.model_type == model_type), None)

@@ -65,6 +65,12 @@ class DLMConfig(PretrainedConfig):
         eos_token_id: Optional[int] = None,
         pad_token_id: Optional[int] = None,
         tie_word_embeddings: bool = False,
+        num_key_value_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        attention_bias: bool = False,
+        qk_norm: bool = False,
+        logit_shift: int = 0,
+        family: Optional[str] = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -85,6 +91,13 @@ class DLMConfig(PretrainedConfig):
         self.attention_backend = attention_backend  # auto | sdpa | flex (block masks; see dlm/blocks.py)
         self.noise_schedule, self.noise_eps = noise_schedule, noise_eps  # dlm.noise.schedule_for builds it
         self.mask_token_id = mask_token_id
+        # Published model families (dlm/formats/): grouped-query attention, an explicit head size,
+        # q/k/v biases, per-head q/k RMSNorm, and logits one position late (Dream: the output at
+        # i - 1 predicts token i; the model shifts them back, so logits[:, i] is always token i's).
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.attention_bias, self.qk_norm, self.logit_shift = attention_bias, qk_norm, int(logit_shift)
+        self.family = family  # the model family (dlm/families.py); None: the objective's own
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -97,14 +110,18 @@ class DLMConfig(PretrainedConfig):
     def validate(self) -> None:
         from dlm.families import family
 
-        fam = family(self.objective)  # an unknown objective: DLMError naming the known ones
-        if self.hidden_size % self.num_attention_heads:
-            raise DLMError(
+        fam = family(self.family or self.objective)  # unknown: DLMError naming the known ones
+        family(self.objective)
+        if self.hidden_size % self.num_attention_heads and self.head_dim == self.hidden_size // self.num_attention_heads:
+            raise DLMError(  # (an explicit head_dim, as Qwen3's, need not divide hidden_size)
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                 f"{self.num_attention_heads}; pick sizes where it is"
             )
-        if (self.hidden_size // self.num_attention_heads) % 2:
+        if self.head_dim % 2:
             raise DLMError("the head dimension must be even for rotary embeddings; change hidden_size or heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise DLMError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                           f"num_key_value_heads {self.num_key_value_heads}")
         if fam.block_causal:
             if not self.block_size or self.block_size < 1:
                 raise DLMError(f"{self.objective} needs a block size; pass --block-size (e.g. 4, 8 or 16)")
@@ -115,10 +132,6 @@ class DLMConfig(PretrainedConfig):
         if not fam.encoder_decoder and self.num_decoder_layers:
             raise DLMError(f"decoder layers belong to encoder-decoder models; drop --decoder-layers for "
                            f"{self.objective}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DLMConfig":
@@ -228,18 +241,25 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, config: DLMConfig, layer_idx: int):
         super().__init__()
-        d, self.n_heads, self.head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
+        d, hd = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
         self.o_proj._dlm_residual = True
+        # per-head RMSNorm of queries and keys before the rotation (Qwen3 / SDAR)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
 
     def _kv(self, x, cos, sin):
         B, L, _ = x.shape
-        k = self.k_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         return apply_rotary(k, cos, sin), v
 
     def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cache: Optional[KVCache] = None, memory=None,
@@ -247,9 +267,12 @@ class Attention(nn.Module):
         """memory: optional (states, cos, sin) of other tokens (E2D2's encoder output, already
         normalised) whose keys/values go *before* this sequence's own; queries come from x only.
         pack: optional `_Pack`: x holds only the valid tokens of a padded (B, L) batch, as one
-        row (see `DLMModel.forward(query_valid=...)`); attention runs on the padded layout."""
+        row (see `DLMModel.forward(query_valid=...)`); attention runs on the padded layout.
+        Keys and values keep their own (fewer) heads in caches; attention shares them out."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         q = apply_rotary(q, cos, sin)
         k, v = self._kv(x, cos, sin)
         if pack is not None:
@@ -260,8 +283,11 @@ class Attention(nn.Module):
             k, v = torch.cat([mk, k], dim=2), torch.cat([mv, v], dim=2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        gqa = self.n_kv != self.n_heads
         if _is_block_mask(attn_mask):
-            y = _flex_attention()(q, k, v, block_mask=attn_mask)
+            y = _flex_attention()(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
+        elif gqa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, L, -1)
@@ -401,6 +427,11 @@ class DLMPreTrainedModel(PreTrainedModel):
 class DLMModel(DLMPreTrainedModel):
     """Token ids in, logits out. Masks and positions are the caller's choice (the objective's)."""
 
+    # lm_head shares the embedding matrix when config.tie_word_embeddings (transformers 5 maps
+    # the tied name to its source; 4.x lists it)
+    _tied_weights_keys = ({"lm_head.weight": "embed_tokens.weight"} if int(__import__("transformers").__version__.split(".")[0]) >= 5
+                          else ["lm_head.weight"])
+
     def __init__(self, config: DLMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -414,6 +445,8 @@ class DLMModel(DLMPreTrainedModel):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:  # one matrix for both ends (Qwen's small models)
+            self.lm_head.weight = self.embed_tokens.weight
         if config.time_conditioning:
             self.time_embed = TimestepEmbedder(config.cond_dim)
             self.final_adaLN = nn.Linear(config.cond_dim, 2 * config.hidden_size)
@@ -421,6 +454,10 @@ class DLMModel(DLMPreTrainedModel):
         else:
             self.time_embed = None
             self.final_adaLN = None
+        from dlm.families import family_of
+
+        fam = family_of(config)
+        self._block_causal_default = fam.block_causal and fam.format is not None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -448,7 +485,9 @@ class DLMModel(DLMPreTrainedModel):
         """
         input_ids: (B, L). attention_mask: optional (B, Lk) padding mask, 1 = real token; it is
         folded into `attn_mask`. position_ids: (B, L) or (L,), default offset by the cache length.
-        attn_mask: optional boolean (Lq, Lk) or (B, 1, Lq, Lk), True = may attend.
+        attn_mask: optional boolean (Lq, Lk) or (B, 1, Lq, Lk), True = may attend. Without one
+        (and without a cache) attention is bidirectional, or block-causal for the published
+        block-causal families (SDAR, Fast-dLLM v2).
         is_causal: causal attention (ignored when an explicit mask is given: put causality in it).
         sigma: (B,) noise level, required iff config.time_conditioning.
         output_positions: optional boolean (B, L); logits are computed only there and returned
@@ -456,6 +495,7 @@ class DLMModel(DLMPreTrainedModel):
         query_valid: optional boolean (B, L): the tokens that matter; the others (padding) are
         left out of every per-token layer (their keys are not attended to: the mask must say so;
         with a cache, their entries hold zeros). Results at valid tokens are unchanged.
+        Logits at position i are token i's for every family (a late family's are shifted back).
         """
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -469,6 +509,11 @@ class DLMModel(DLMPreTrainedModel):
             position_ids = torch.arange(past, past + L, device=input_ids.device)
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(B, -1)
+        if attn_mask is None and not is_causal and cache is None and self._block_causal_default:
+            # a published block-causal family (SDAR, Fast-dLLM v2): its own attention pattern by
+            # default, blocks aligned at absolute positions
+            blk = position_ids // self.config.block_size
+            attn_mask = (blk[:, None, None, :] <= blk[:, None, :, None])
         if _is_block_mask(attn_mask):
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise ValueError("a FlexAttention BlockMask cannot be combined with padding; use a dense mask")
@@ -499,6 +544,8 @@ class DLMModel(DLMPreTrainedModel):
             if attn_mask is None or output_positions is None:
                 raise ValueError("query_valid needs an explicit attn_mask that hides the left-out tokens "
                                  "and output_positions")
+            if self.config.logit_shift:
+                raise ValueError("query_valid cannot be combined with logit_shift (a shift crosses packed rows)")
             pack = _Pack(query_valid)
             input_ids, position_ids = pack.pack(input_ids), pack.pack(position_ids)
             if output_positions is not None:
@@ -516,10 +563,20 @@ class DLMModel(DLMPreTrainedModel):
         if self.final_adaLN is not None:
             shift, scale = self.final_adaLN(cond)[:, None].chunk(2, dim=-1)
             x = x * (1 + scale) + shift
-        if output_positions is not None:
-            x = x[output_positions]
+        x = self._at_outputs(x, output_positions)
         logits = self.lm_head(x)
         return DLMOutput(logits=logits, hidden_states=x if return_hidden else None)
+
+    def _at_outputs(self, x: torch.Tensor, output_positions: Optional[torch.Tensor]) -> torch.Tensor:
+        """The hidden states whose logits are token i's: x at i, or at i - 1 for a model whose
+        logits come one position late (logit_shift; the first position keeps its own, as the
+        reference implementations do). With output_positions, flattened (N, D)."""
+        if not self.config.logit_shift:
+            return x if output_positions is None else x[output_positions]
+        if output_positions is None:
+            return torch.cat([x[:, :1], x[:, :-1]], dim=1)
+        b, i = output_positions.nonzero(as_tuple=True)
+        return x[b, (i - 1).clamp(min=0)]
 
 
     def encode(self, input_ids, attn_mask=None, position_ids=None, cache: Optional[KVCache] = None):
@@ -567,33 +624,8 @@ AutoModel.register(DLMConfig, DLMModel)
 
 
 def load_model(path: str, expect_objective: Optional[str] = None, **kwargs) -> DLMModel:
-    """Load a dlm checkpoint directory with clear errors for the usual mistakes."""
-    import json
-    import os
+    """Load a model directory (or hub id) with clear errors for the usual mistakes: dlm's own
+    checkpoints and the published families (dlm/loading.py)."""
+    from dlm.loading import load_model as _load
 
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise DLMError(f"model directory {path} does not exist; pass a directory written by `dlm train`")
-    if not os.path.isfile(cfg_path):
-        raise DLMError(f"{path} has no config.json; it is not a saved dlm model (train one with `dlm train`)")
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DLMError(f"{cfg_path} is corrupt ({e}); re-export the model") from None
-    if raw.get("model_type") != "dlm":
-        raise DLMError(
-            f"{path} holds a {raw.get('model_type')!r} model, not a dlm model; "
-            "pass a directory written by `dlm train` (or `dlm export` for the reverse direction)"
-        )
-    if expect_objective and raw.get("objective") != expect_objective:
-        raise DLMError(
-            f"{path} was trained with objective {raw.get('objective')!r}, expected {expect_objective!r}"
-        )
-    try:
-        return DLMModel.from_pretrained(path, **kwargs)
-    except DLMError:
-        raise
-    except Exception as e:  # safetensors / torch errors on truncated files
-        raise DLMError(f"could not load weights from {path}: {type(e).__name__}: {e}; the checkpoint is "
-                       "corrupt or incomplete, re-export it or use an earlier one") from None
+    return _load(path, expect_objective=expect_objective, **kwargs)

@@ -175,7 +175,7 @@ def test_load_model_errors(tmp_path):
         load_model(str(other))
     m = make()
     m.save_pretrained(tmp_path / "ok")
-    with pytest.raises(DLMError, match="trained with objective"):
+    with pytest.raises(DLMError, match="is a mdlm model .*expected a .ar. model"):
         load_model(str(tmp_path / "ok"), expect_objective="ar")
     # Truncate the weights: a corrupt checkpoint.
     w = tmp_path / "ok" / "model.safetensors"

@@ -1,0 +1,277 @@
+"""Load any model dlm runs: its own checkpoints and the published families, from a directory or
+a hub id, and save them back in their own format.
+
+    from dlm import load_model
+    model = load_model("GSAI-ML/LLaDA-8B-Instruct")        # or a local directory
+    model(input_ids).logits[:, i]                           # token i's distribution, any family
+
+A published checkpoint is read without a full-size copy on the way: the model is built on the
+meta device (no memory), then every tensor is read from its safetensors shard, renamed by the
+family's format (dlm/formats/), checked against the shape the config implies and put in place,
+in its stored dtype (or `dtype`). Peak memory is the model plus one tensor. Only the config and
+the weights are needed; the tokenizer beside them is loaded by `load_tokenizer_for`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional, Union
+
+import torch
+
+from dlm.errors import DLMError
+from dlm.families import Family
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# tensors some published checkpoints carry that dlm computes itself (rotary tables)
+IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary\.inv_freq$")
+
+
+def resolve(path_or_id: str) -> str:
+    """A local directory, or the snapshot of a hub repository (downloaded when online)."""
+    p = os.path.expanduser(str(path_or_id))
+    if os.path.isdir(p):
+        return p
+    if os.path.exists(p):
+        raise DLMError(f"{p} is a file; pass a model directory (with config.json and safetensors weights) or a "
+                       "hub id")
+    if not HUB_ID.match(str(path_or_id)):
+        raise DLMError(f"model directory {p} does not exist; pass a directory written by `dlm train`, a "
+                       "published checkpoint's directory, or a hub id such as GSAI-ML/LLaDA-8B-Instruct")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id=str(path_or_id), allow_patterns=[
+            "*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"])
+    except Exception as e:  # offline, unknown repo, gated, no network
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DLMError(f"could not get {path_or_id} from the Hugging Face hub ({first}); without a network, "
+                       f"download it elsewhere (huggingface-cli download {path_or_id}) and pass its "
+                       "directory") from None
+
+
+def read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise DLMError(f"{path} has no config.json; it is not a saved model (train one with `dlm train`)")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DLMError(f"{cfg_path} is corrupt ({e}); re-export the model") from None
+    if not isinstance(raw, dict):
+        raise DLMError(f"{cfg_path} is not a JSON object; it is not a model config")
+    gen = os.path.join(path, "generation_config.json")  # ids some checkpoints keep only there
+    if os.path.isfile(gen):
+        try:
+            with open(gen) as f:
+                g = json.load(f)
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if raw.get(k) is None and isinstance(g.get(k), int):
+                    raw[k] = g[k]
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a list of ids: the first is the main one
+        if isinstance(raw.get(k), list):
+            raw[k] = raw[k][0] if raw[k] else None
+    if raw.get("mask_token_id") is None:  # Fast-dLLM v2: the mask token lives in the tokenizer only
+        found = _tokenizer_mask_id(path)
+        if found is not None:
+            raw[TOKENIZER_MASK] = found
+    return raw
+
+
+TOKENIZER_MASK = "_dlm_mask_token_id_from_tokenizer"  # (not written back when saving)
+MASK_TOKENS = ("|<MASK>|", "<|mask|>", "<|MASK|>", "<|mdm_mask|>", "[MASK]")
+
+
+def _tokenizer_mask_id(path: str) -> Optional[int]:
+    """The id of a mask token declared in tokenizer_config.json's added tokens, if any."""
+    tc = os.path.join(path, "tokenizer_config.json")
+    try:
+        with open(tc) as f:
+            added = json.load(f).get("added_tokens_decoder") or {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    for i, tok in added.items():
+        if isinstance(tok, dict) and tok.get("content") in MASK_TOKENS:
+            return int(i)
+    return None
+
+
+def family_of_checkpoint(path_or_id: str) -> Family:
+    from dlm.formats import detect
+
+    path = resolve(path_or_id)
+    return detect(read_config(path), where=path)
+
+
+def _dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if str(dtype) not in names:
+        raise DLMError(f"unknown dtype {dtype!r}; use auto (as stored), float32, bfloat16 or float16")
+    return names[str(dtype)]
+
+
+def load_model(path_or_id: str, dtype: Union[str, torch.dtype, None] = None, device=None,
+               expect_objective: Optional[str] = None, **kwargs):
+    """Any model dlm runs, in eval mode. dtype: None / "auto" keeps the stored one (dlm's own
+    checkpoints: float32 unless given), else float32 / bfloat16 / float16."""
+    from dlm.formats import detect
+
+    path = resolve(path_or_id)
+    raw = read_config(path)
+    fam = detect(raw, where=path)
+    if expect_objective and fam.objective != expect_objective:
+        raise DLMError(f"{path} is a {fam.name} model (objective {fam.objective!r}), expected a "
+                       f"{expect_objective!r} model")
+    if fam.format is None:
+        model = _load_own(path, _dtype(dtype), **kwargs)
+    else:
+        model = _load_published(path, raw, fam, _dtype(dtype))
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def _load_own(path: str, dtype, **kwargs):
+    from dlm.model import DLMModel
+
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        return DLMModel.from_pretrained(path, **kwargs)
+    except DLMError:
+        raise
+    except Exception as e:  # safetensors / torch errors on truncated files
+        raise DLMError(f"could not load weights from {path}: {type(e).__name__}: {e}; the checkpoint is "
+                       "corrupt or incomplete, re-export it or use an earlier one") from None
+
+
+def weight_files(path: str) -> dict[str, list[str]]:
+    """safetensors file -> the tensor names it holds (from the shard index when there is one)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                wmap = json.load(f)["weight_map"]
+        except (OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DLMError(f"{index} is corrupt ({type(e).__name__}: {e}); re-download the checkpoint") from None
+        files: dict[str, list[str]] = {}
+        for name, fname in wmap.items():
+            files.setdefault(os.path.join(path, fname), []).append(name)
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise DLMError(f"{path}: shard {os.path.basename(missing[0])} listed in model.safetensors.index.json "
+                           f"is missing ({len(missing)} of {len(files)} shards); the download is incomplete")
+        return files
+    if os.path.isfile(single):
+        return {single: []}
+    if any(f.endswith(".bin") for f in os.listdir(path)):
+        raise DLMError(f"{path} holds PyTorch .bin weights; dlm reads safetensors only (convert with "
+                       "transformers: load the model and save_pretrained(..., safe_serialization=True))")
+    raise DLMError(f"{path} has no model.safetensors or model.safetensors.index.json; the weights are missing")
+
+
+def _load_published(path: str, raw: dict, fam: Family, dtype):
+    from safetensors import safe_open
+
+    from dlm.formats import format_of
+    from dlm.model import DLMConfig, DLMModel
+
+    fmt = format_of(fam)
+    cfg = DLMConfig(**fmt.config(fam, raw, where=path))
+    names = fmt.names(cfg)
+    with torch.device("meta"):
+        model = DLMModel(cfg)
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    for fname, _ in weight_files(path).items():
+        try:
+            with safe_open(fname, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    ours = names.get(key)
+                    if ours is None:
+                        if IGNORED.search(key):
+                            continue
+                        raise DLMError(f"{os.path.basename(fname)} holds tensor {key!r}, which a {fam.name} checkpoint "
+                                       f"with this config does not have; the config and the weights disagree")
+                    t = f.get_tensor(key)
+                    want = tuple(params[ours].shape)
+                    if tuple(t.shape) != want:
+                        raise DLMError(f"tensor {key!r} has shape {tuple(t.shape)}, the config implies {want}; the "
+                                       "config and the weights disagree")
+                    _put(model, ours, t if dtype is None else t.to(dtype))
+                    filled.add(ours)
+        except DLMError:
+            raise
+        except Exception as e:  # a truncated or corrupt shard
+            raise DLMError(f"could not read {fname}: {type(e).__name__}: {e}; re-download the checkpoint") from None
+    theirs = {v: k for k, v in names.items()}
+    missing = [theirs[n] for n in names.values() if n not in filled]
+    if missing:
+        raise DLMError(f"{path} lacks tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                       + f" of a {fam.name} checkpoint; a shard is missing or the config does not match the weights")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.source_config = raw  # the checkpoint's own config.json, to save back in its format
+    return model
+
+
+def _put(model, name: str, t: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    setattr(mod, attr, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
+
+
+def load_tokenizer_for(path_or_id: str, model_config=None):
+    """The tokenizer beside a model: dlm's own (with its special roles) for dlm checkpoints, the
+    checkpoint's own AutoTokenizer for published ones (mask / EOS / pad ids are the model's, never
+    re-added)."""
+    from dlm.families import family_of
+    from dlm.tokenizer import load_tokenizer
+
+    path = resolve(path_or_id)
+    fam = family_of(model_config) if model_config is not None else family_of_checkpoint(path)
+    if fam.format is None:
+        return load_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DLMError(f"could not load the tokenizer beside {path} ({first}); pass --tokenizer") from None
+
+
+def save_model(model, out_dir: str) -> str:
+    """Save a model: dlm's own with save_pretrained, a published family's in its own format
+    (config.json and safetensors with its tensor names)."""
+    from safetensors.torch import save_file
+
+    from dlm.families import family_of
+    from dlm.formats import format_of
+
+    fam = family_of(model.config)
+    os.makedirs(out_dir, exist_ok=True)
+    if fam.format is None:
+        model.save_pretrained(out_dir)
+        return out_dir
+    fmt = format_of(fam)
+    names = fmt.names(model.config)
+    sd = model.state_dict()
+    tensors = {theirs: sd[ours].detach().contiguous().cpu() for theirs, ours in names.items()}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    raw = fmt.write_config(fam, model.config, dict(getattr(model, "source_config", None) or {}))
+    raw.pop(TOKENIZER_MASK, None)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    return out_dir

@@ -1,0 +1,203 @@
+"""Published model families (LLaDA, Dream, Fast-dLLM v2, SDAR): tiny random checkpoints in each
+family's own format load through `dlm.load_model`, and dlm's logits equal an independent
+reference (transformers' LlamaModel / Qwen2Model / Qwen3Model with the family's attention
+pattern as an explicit mask and its logit shift) to 1e-5 in float32. Bad checkpoints: one clear
+error each."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from dlm.errors import DLMError
+from published import WRITERS, reference
+
+FAMILIES = ["llada", "dream", "fast_dllm_v2", "sdar"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("published")
+    out = {}
+    for fam in FAMILIES:
+        d = root / fam
+        WRITERS[fam](str(d))
+        out[fam] = str(d)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_the_reference(checkpoints, family):
+    from dlm import load_model
+
+    model = load_model(checkpoints[family])
+    assert model.config.family == family
+    ids = torch.randint(0, 90, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids).logits
+        ref = reference(checkpoints[family], family)(ids)
+    assert ours.shape == ref.shape == (2, 12, 96)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_positions_and_shift_agree_with_the_full_logits(checkpoints, family):
+    """Logits asked for at some positions only (what losses and the decoder do) are the full
+    logits there, the family's shift included."""
+    from dlm import load_model
+
+    model = load_model(checkpoints[family])
+    ids = torch.randint(0, 90, (2, 12), generator=torch.Generator().manual_seed(2))
+    pos = torch.zeros(2, 12, dtype=torch.bool)
+    pos[0, [0, 1, 5]] = True
+    pos[1, [4, 11]] = True
+    with torch.no_grad():
+        full = model(ids).logits
+        some = model(ids, output_positions=pos).logits
+    torch.testing.assert_close(some, full[pos], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", [dict(tied=True), dict(qkv_bias=True)])
+def test_llada_variants(tmp_path, variant):
+    from dlm import load_model
+
+    from published import write_llada
+
+    write_llada(str(tmp_path), **variant)
+    model = load_model(str(tmp_path))
+    ids = torch.randint(0, 90, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(str(tmp_path), "llada")(ids), atol=1e-5, rtol=1e-5)
+    if variant.get("tied"):
+        assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+
+
+def test_tied_qwen_checkpoint_has_no_lm_head(tmp_path):
+    from dlm import load_model
+
+    from published import write_qwen
+
+    write_qwen(str(tmp_path), "fast_dllm_v2", tied=True)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"]
+    model = load_model(str(tmp_path))
+    ids = torch.randint(0, 90, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(str(tmp_path), "fast_dllm_v2")(ids),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_special_ids_are_the_checkpoints(checkpoints):
+    from dlm import load_model
+
+    llada = load_model(checkpoints["llada"]).config
+    assert (llada.mask_token_id, llada.eos_token_id, llada.bos_token_id) == (95, 1, 0)  # bos from generation_config
+    assert load_model(checkpoints["dream"]).config.mask_token_id == 94
+    assert load_model(checkpoints["sdar"]).config.block_size == 4
+    # Fast-dLLM v2's config has no mask id: the family's (151665), or the tokenizer's added mask token
+    assert load_model(checkpoints["fast_dllm_v2"]).config.mask_token_id == 151665
+
+
+def test_fast_dllm_mask_id_from_its_tokenizer(tmp_path):
+    from dlm import load_model
+
+    from published import write_qwen
+
+    write_qwen(str(tmp_path), "fast_dllm_v2")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"93": {"content": "|<MASK>|", "special": True}}}))
+    assert load_model(str(tmp_path)).config.mask_token_id == 93
+
+
+def test_weights_keep_their_stored_dtype_or_the_one_asked(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dlm import load_model
+    from published import write_llada
+
+    write_llada(str(tmp_path))
+    for f in tmp_path.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f))
+    assert load_model(str(tmp_path)).embed_tokens.weight.dtype == torch.bfloat16
+    assert load_model(str(tmp_path), dtype="float32").embed_tokens.weight.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ save back in the same format
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_model_writes_the_family_format_back(checkpoints, family, tmp_path):
+    from safetensors import safe_open
+
+    from dlm import load_model, save_model
+
+    model = load_model(checkpoints[family])
+    out = save_model(model, str(tmp_path / "saved"))
+    raw = json.loads(open(os.path.join(out, "config.json")).read())
+    orig = json.loads(open(os.path.join(checkpoints[family], "config.json")).read())
+    assert raw["model_type"] == orig["model_type"]
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    index = json.loads(open(os.path.join(checkpoints[family], "model.safetensors.index.json")).read())
+    assert saved == set(index["weight_map"])  # the same tensor names
+    again = load_model(out)
+    ids = torch.randint(0, 90, (1, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+# ------------------------------------------------------------------ bad checkpoints
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_checkpoints_get_one_clear_error(checkpoints, tmp_path):
+    from dlm import load_model
+
+    d = _copy(checkpoints["llada"], tmp_path / "renamed")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    # a wrong tensor name in a shard
+    from safetensors.torch import load_file, save_file
+
+    shard = d / sorted(set(index["weight_map"].values()))[0]
+    t = load_file(str(shard))
+    name = next(iter(t))
+    t["model.transformer.blocks.0.q_proj_typo.weight"] = t.pop(name)
+    save_file(t, str(shard))
+    with pytest.raises(DLMError, match="q_proj_typo"):
+        load_model(str(d))
+
+    d = _copy(checkpoints["llada"], tmp_path / "noshard")
+    os.remove(d / sorted(set(index["weight_map"].values()))[1])
+    with pytest.raises(DLMError, match="shard .* is missing"):
+        load_model(str(d))
+
+    d = _copy(checkpoints["dream"], tmp_path / "unknown")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "mystery_lm"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DLMError, match="'mystery_lm' model, which dlm cannot load.*own modeling code"):
+        load_model(str(d))
+
+    d = _copy(checkpoints["sdar"], tmp_path / "shape")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DLMError, match="has shape .* the config implies"):
+        load_model(str(d))
+
+    d = _copy(checkpoints["sdar"], tmp_path / "incomplete")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DLMError, match="without hidden_size"):
+        load_model(str(d))
+
+
+def test_a_hub_id_offline_is_one_line_naming_it(monkeypatch):
+    from dlm import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DLMError, match="could not get GSAI-ML/LLaDA-8B-Instruct-not-cached from the Hugging Face hub"):
+        load_model("GSAI-ML/LLaDA-8B-Instruct-not-cached")
