@@ -67,6 +67,11 @@ class Family:
     def shares_backbone(self, other: "Family") -> bool:
         return self.backbone == other.backbone and self.backbone != "own"
 
+    def encode(self, tokenizer, text: str) -> list[int]:
+        """A prompt's ids: dlm's own tokenizers without special tokens (the canvas gets BOS),
+        a published model's as its tokenizer makes them by default."""
+        return tokenizer.encode(text, add_special_tokens=not self.prepend_bos)
+
     def prefix(self, prompt, bos_id: Optional[int]) -> list[int]:
         """The canvas before the answer: BOS + prompt for dlm's own models; the prompt as the
         tokenizer (or chat template) gave it for published ones (BOS alone for an empty one)."""

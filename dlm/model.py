@@ -481,6 +481,7 @@ class DLMModel(DLMPreTrainedModel):
         return_hidden: bool = False,
         output_positions: Optional[torch.Tensor] = None,
         query_valid: Optional[torch.Tensor] = None,
+        logit_shift: Optional[bool] = None,
     ) -> DLMOutput:
         """
         input_ids: (B, L). attention_mask: optional (B, Lk) padding mask, 1 = real token; it is
@@ -495,8 +496,11 @@ class DLMModel(DLMPreTrainedModel):
         query_valid: optional boolean (B, L): the tokens that matter; the others (padding) are
         left out of every per-token layer (their keys are not attended to: the mask must say so;
         with a cache, their entries hold zeros). Results at valid tokens are unchanged.
-        Logits at position i are token i's for every family (a late family's are shifted back).
+        Logits at position i are token i's for every family (a late family's are shifted back);
+        logit_shift=False gives each position's own output instead (the decoder's cached steps,
+        which choose the positions themselves).
         """
+        late = self.config.logit_shift if logit_shift is None else bool(logit_shift)
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -544,8 +548,8 @@ class DLMModel(DLMPreTrainedModel):
             if attn_mask is None or output_positions is None:
                 raise ValueError("query_valid needs an explicit attn_mask that hides the left-out tokens "
                                  "and output_positions")
-            if self.config.logit_shift:
-                raise ValueError("query_valid cannot be combined with logit_shift (a shift crosses packed rows)")
+            if late:
+                raise ValueError("query_valid needs logit_shift=False (a shift would cross packed rows)")
             pack = _Pack(query_valid)
             input_ids, position_ids = pack.pack(input_ids), pack.pack(position_ids)
             if output_positions is not None:
@@ -563,15 +567,16 @@ class DLMModel(DLMPreTrainedModel):
         if self.final_adaLN is not None:
             shift, scale = self.final_adaLN(cond)[:, None].chunk(2, dim=-1)
             x = x * (1 + scale) + shift
-        x = self._at_outputs(x, output_positions)
+        x = self._at_outputs(x, output_positions, late)
         logits = self.lm_head(x)
         return DLMOutput(logits=logits, hidden_states=x if return_hidden else None)
 
-    def _at_outputs(self, x: torch.Tensor, output_positions: Optional[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _at_outputs(x: torch.Tensor, output_positions: Optional[torch.Tensor], shift: bool) -> torch.Tensor:
         """The hidden states whose logits are token i's: x at i, or at i - 1 for a model whose
         logits come one position late (logit_shift; the first position keeps its own, as the
         reference implementations do). With output_positions, flattened (N, D)."""
-        if not self.config.logit_shift:
+        if not shift:
             return x if output_positions is None else x[output_positions]
         if output_positions is None:
             return torch.cat([x[:, :1], x[:, :-1]], dim=1)

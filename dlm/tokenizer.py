@@ -197,13 +197,16 @@ def special_token_ids(tok) -> dict[str, int]:
     return {r: int(getattr(tok, f"{r}_token_id")) for r in ROLES}
 
 
-def check_tokenizer_for_model(tok, config, where: str = "the model") -> None:
+def check_tokenizer_for_model(tok, config, where: str = "the model", roles: bool = True) -> None:
     """Raise DLMError unless `tok` is usable with a model config: every token has an embedding and
-    the BOS/EOS/PAD/MASK ids are the ones the model was trained with."""
-    check_tokenizer(tok)
+    (`roles`: dlm's own models) the BOS/EOS/PAD/MASK ids are the ones the model was trained with.
+    A published model's tokenizer is taken as it is: its special ids are the model config's."""
     fix = "use the tokenizer saved with the model (drop --tokenizer)"
     if len(tok) > config.vocab_size:
         raise DLMError(f"the tokenizer has {len(tok)} tokens but {where} has only {config.vocab_size} embeddings; {fix}")
+    if not roles:
+        return
+    check_tokenizer(tok)
     for role in ROLES:
         want = getattr(config, f"{role}_token_id", None)
         got = getattr(tok, f"{role}_token_id")

@@ -87,8 +87,6 @@ def test_every_option_with_a_value_says_its_default_in_the_help():
         for a in sub._actions:
             if not a.option_strings or a.nargs == 0 or a.help == argparse.SUPPRESS or a.default is None:
                 continue
-            if a.default is argparse.SUPPRESS and name != "train":
-                continue
             assert "default" in fmt._get_help_string(a), (name, a.dest, a.help)
             checked += 1
     assert checked > 100

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -54,12 +55,18 @@ def _device(name: Optional[str]):
 
 def _model_and_tokenizer(args):
     """The model in eval mode on --device, and its tokenizer (or --tokenizer, checked to match)."""
+    from dlm.families import family_of
+    from dlm.loading import load_tokenizer_for
     from dlm.model import load_model
     from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
     model = load_model(args.model).to(_device(args.device)).eval()
-    tok = load_tokenizer(args.tokenizer or args.model)
-    check_tokenizer_for_model(tok, model.config)
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+        check_tokenizer_for_model(tok, model.config)
+    else:  # the tokenizer beside the model (a published family's own, as it is)
+        tok = load_tokenizer_for(args.model, model.config)
+        check_tokenizer_for_model(tok, model.config, roles=family_of(model.config).format is None)
     return model, tok
 
 
@@ -142,12 +149,13 @@ def cmd_generate(args) -> None:
     from dlm.families import family_of
 
     model, tok = _model_and_tokenizer(args)
+    fam = family_of(model.config)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise DLMError("no prompt: pass --prompt TEXT (repeatable) or prompts on stdin, one per line")
-    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
-    cfg = from_flags(args, stop=[tok.encode(s, add_special_tokens=False) for s in args.stop or []],
-                     cache=family_of(model.config).resolve_cache(args.cache))
+    ids = [fam.encode(tok, p) for p in prompts]
+    cfg = from_flags(args, fam, stop=[tok.encode(s, add_special_tokens=False) for s in args.stop or []])
+    cfg = replace(cfg, cache=fam.resolve_cache(cfg.cache))
     constraint = make_constraint(regex=args.regex, json_schema=_text_or_file(args.json_schema),
                                  json_object=args.json_object, choice=args.choice, grammar=_text_or_file(args.grammar))
     compiled = None
@@ -215,8 +223,11 @@ def cmd_serve(args) -> None:
     from dlm.model import load_model
 
     model = load_model(args.model).to(_device(args.device)).eval()  # loaded once, handed to the app
-    # the request defaults; temperature is the default of requests that send none (OpenAI's 1)
-    defaults = from_flags(args, temperature=0.0, cache=family_of(model.config).resolve_cache(args.cache))
+    fam = family_of(model.config)
+    # the request defaults (the flags given, else the family's); the temperature of requests
+    # that send none is --temperature
+    defaults = from_flags(args, fam, temperature=0.0)
+    defaults = replace(defaults, cache=fam.resolve_cache(defaults.cache))
     limits = CompileLimits(timeout_s=args.constraint_compile_timeout, max_dfa_mb=args.constraint_max_dfa_mb,
                            cache_mb=args.constraint_cache_mb)
     settings = ServerSettings(model_dir=args.model, served_model_name=args.served_model_name, tokenizer=args.tokenizer,

@@ -153,13 +153,17 @@ def full_forward(decoder, group: list) -> None:
 
 def view_forward(decoder, group: list, width: int) -> None:
     """Approximate caches: feed columns [lo, lo + width) only; every other column's K/V comes
-    from the block's refresh (computed when the fed tokens had other values)."""
+    from the block's refresh (computed when the fed tokens had other values). A family whose
+    logits come one position late (Dream) feeds one column more on the left: the block's first
+    logits are the output of the column before it."""
     from dlm.model import KVCache
 
     cfg, dev = decoder.cfg, decoder.device
+    lead = cfg.logit_shift
+    width += lead
     views = []
     for r in group:
-        lo = r.block[0]
+        lo = r.block[0] - lead
         key = (lo, width)
         st = r.cache
         if st.view_key != key:  # gather the kept K/V once per block
@@ -176,12 +180,13 @@ def view_forward(decoder, group: list, width: int) -> None:
     key_am = torch.zeros(len(group), M + width, dtype=torch.long, device=dev)
     for i, n in enumerate(lk):
         key_am[i, M - n :] = 1
-    ids = torch.stack([r.canvas[r.block[0] : r.block[0] + width] for r in group])
-    pos = torch.stack([torch.arange(r.block[0], r.block[0] + width, device=dev) for r in group])
+    los = [r.block[0] - lead for r in group]
+    ids = torch.stack([r.canvas[lo : lo + width] for r, lo in zip(group, los)])
+    pos = torch.stack([torch.arange(lo, lo + width, device=dev) for lo in los])
     out = decoder.model(ids, attention_mask=None if bool(key_am.all()) else key_am, position_ids=pos,
-                        cache=batch, sigma=decoder.sigma(group))
+                        cache=batch, sigma=decoder.sigma(group), logit_shift=False)
     for i, r in enumerate(group):
-        r.logits = out.logits[i]
+        r.logits = out.logits[i, : width - lead]
 
 
 def block_full_forward(decoder, group: list, total: int) -> None:
@@ -231,12 +236,20 @@ def block_exact_forward(decoder, group: list) -> None:
         batch = KVCache.preallocated(*slab.gather(slots, M, dev, room=Lq), M)
     else:
         batch = KVCache(cfg.num_hidden_layers)
+    lead = cfg.logit_shift  # logits one position late (Fast-dLLM v2): each is the output of the column before
     out = torch.zeros(R, Lq, dtype=torch.bool, device=dev)
-    out[:, C:] = True  # the LM head on the noisy blocks only
+    if not lead:
+        out[:, C:] = True  # the LM head on the noisy blocks only
+    else:  # the block's columns but its last, and the last clean column before it where c > 0
+        out[:, C : Lq - 1] = True
+        if C:
+            out[:, C - 1] = valid_q[:, C - 1]
     # rows of different lengths (a request that just finished a block, or a new one with its
     # prompt, among requests that only step): padding stays out of the per-token layers
     logits = decoder.model(ids, position_ids=pos, attn_mask=mask, cache=batch, output_positions=out,
-                           query_valid=valid_q if C else None).logits
+                           query_valid=valid_q if C else None, logit_shift=False).logits
+    if lead:
+        logits = _with_carry(group, logits, out, cs, bs)
     logits = logits.view(R, bs, -1)
     for i, (r, b, d, c) in enumerate(zip(group, b0s, dones, cs)):
         if c:
@@ -247,6 +260,24 @@ def block_exact_forward(decoder, group: list) -> None:
             r.cache.clean_len = b
         lo, hi = r.block
         r.logits = logits[i, lo - b : hi - b]
+
+
+def _with_carry(group, flat, out, cs, bs):
+    """Late logits (lead 1) on the exact cache: per request, the block's first row comes from the
+    last clean column before it, computed in the call that made it clean (kept as the carry,
+    exact: a clean column sees clean columns only); the other rows from the block's own
+    columns. Returns (R * bs, V) in block order."""
+    rows = out.sum(1).tolist()
+    parts = list(flat.split(rows))
+    res = []
+    for r, part, c in zip(group, parts, cs):
+        if part.shape[0] == bs:  # this call holds the last clean column (c > 0): keep its row
+            r.cache.carry = part[0]
+            res.append(part)
+        else:  # c == 0: bs - 1 rows of the block's own columns, the first row from the carry
+            first = r.cache.carry if r.cache.carry is not None else part[0]
+            res.append(torch.cat([first[None], part[: bs - 1]], dim=0))
+    return torch.cat(res, dim=0)
 
 
 def encoder_exact_forward(decoder, group: list) -> None:

@@ -129,6 +129,12 @@ class DecodeConfig:
         return [f for f in dataclasses.fields(cls) if f.metadata.get(where)]
 
     @classmethod
+    def for_family(cls, fam, **given) -> "DecodeConfig":
+        """The family's default decoding (dlm/families.py; e.g. threshold + dual cache for LLaDA),
+        overridden by the options `given`."""
+        return cls(**{**dict(fam.defaults), **given})
+
+    @classmethod
     def coerce(cls, name: str, value):
         """A value from text (CLI, lm-eval's key=value arguments) or JSON, as the field's type."""
         f = next(f for f in dataclasses.fields(cls) if f.name == name)
@@ -155,8 +161,11 @@ def _kind(f: dataclasses.Field):
 
 
 def cli_flags(parser, group_title: str = "decoding", exclude: Sequence[str] = ()) -> None:
-    """Add every CLI-exposed option of DecodeConfig (but `exclude`) to `parser`, defaults and help
-    from the field."""
+    """Add every CLI-exposed option of DecodeConfig (but `exclude`) to `parser`, help from the
+    field. A flag not given stays unset, so `from_flags` can tell the model family's default
+    decoding (dlm/families.py) from the user's choice."""
+    import argparse
+
     g = parser.add_argument_group(group_title)
     for f in DecodeConfig.options("cli"):
         if f.name in exclude:
@@ -165,18 +174,22 @@ def cli_flags(parser, group_title: str = "decoding", exclude: Sequence[str] = ()
         flag = m["flag"] or "--" + f.name.replace("_", "-")
         if _kind(f) is bool:
             g.add_argument(flag, dest=f.name, action="store_false" if m["invert"] else "store_true",
-                           default=f.default, help=m["help"])
-        elif f.name == "early_commit_gaps":
-            g.add_argument(flag, dest=f.name, type=_gaps, default=f.default, metavar="E/M/L",
-                           help=f"{m['help']} (default: {'/'.join(f'{x:g}' for x in f.default)})")
+                           default=argparse.SUPPRESS, help=m["help"])
+            continue
+        shown = "/".join(f"{x:g}" for x in f.default) if f.name == "early_commit_gaps" else f.default
+        text = f"{m['help']} (default: {shown}, or the model family's)"
+        if f.name == "early_commit_gaps":
+            g.add_argument(flag, dest=f.name, type=_gaps, default=argparse.SUPPRESS, metavar="E/M/L", help=text)
         else:
-            g.add_argument(flag, dest=f.name, type=_kind(f), default=f.default, choices=m["choices"],
-                           help=m["help"])
+            g.add_argument(flag, dest=f.name, type=_kind(f), default=argparse.SUPPRESS, choices=m["choices"],
+                           help=text)
 
 
-def from_flags(args, **overrides) -> DecodeConfig:
-    """A DecodeConfig from parsed flags (those cli_flags added), with overrides."""
-    values = {f.name: getattr(args, f.name) for f in DecodeConfig.options("cli") if hasattr(args, f.name)}
+def from_flags(args, family=None, **overrides) -> DecodeConfig:
+    """A DecodeConfig from parsed flags (those cli_flags added): the flags given, then the model
+    family's defaults (if `family`), then DecodeConfig's; `overrides` win over all."""
+    values = dict(family.defaults) if family is not None else {}
+    values.update({f.name: getattr(args, f.name) for f in DecodeConfig.options("cli") if hasattr(args, f.name)})
     values.update(overrides)
     return DecodeConfig(**values)
 

@@ -69,7 +69,7 @@ class Decoder:
         constrains request i's output to a regular or context-free language. A request that fails
         while decoding fails alone (the others finish); with `raise_errors` its error is then
         raised, else its result has finish_reason "error" and `.error`."""
-        config = config or DecodeConfig()
+        config = config or DecodeConfig.for_family(self.family)
         if not prompts:
             return []
         if constraints is not None and len(constraints) != len(prompts):
@@ -272,7 +272,7 @@ class Decoder:
 
 def check_prompt(prompt: Sequence[int], cfg) -> None:
     if len(prompt) == 0:
-        raise DLMError("a prompt is empty; give at least one token (BOS is added in front)")
+        raise DLMError("a prompt is empty; give at least one token")
     if any(not 0 <= int(t) < cfg.vocab_size for t in prompt):
         raise DLMError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {list(prompt)[:8]}...")
 

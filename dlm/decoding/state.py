@@ -47,6 +47,9 @@ class BlockExactState:
 
     slot: Optional[int] = None
     clean_len: int = 0
+    # a family whose logits come one position late: the logits of the current block's first
+    # position, from the last clean position before it (fixed once that block is clean)
+    carry: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -69,7 +72,8 @@ class DecodeRequest:
         self.rid, self.config, self.chooser, self.policy, self.backend = rid, config, chooser, policy, backend
         self.prompt = [int(t) for t in prompt]
         N = config.max_new_tokens
-        P = len(self.prompt) + 1  # BOS + prompt
+        prefix = decoder.family.prefix(self.prompt, cfg.bos_token_id)  # BOS + prompt (dlm's own models)
+        P = len(prefix)
         total = decoder.family.canvas_length(P, N, cfg.block_size)
         if decoder.family.block_causal:
             bs = cfg.block_size
@@ -79,7 +83,7 @@ class DecodeRequest:
             self.blocks = [(P + i * bs, P + (i + 1) * bs) for i in range(math.ceil(N / bs))]
         self.P, self.N, self.total, self.gen_len = P, N, total, total - P
         self.canvas = torch.full((total,), cfg.mask_token_id, dtype=torch.long, device=decoder.device)
-        self.canvas[:P] = torch.tensor([cfg.bos_token_id, *self.prompt], device=decoder.device)
+        self.canvas[:P] = torch.tensor(prefix, device=decoder.device)
         self.gen = torch.Generator().manual_seed(int(seed) % 2**64)  # any int: torch takes [0, 2^64)
         self.steps_total = config.steps or self.gen_len  # fixed-k policies: spread over blocks
         self.bi, self.s_in_block, self.step_i = 0, 0, 0
