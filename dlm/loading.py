@@ -88,16 +88,21 @@ MASK_TOKENS = ("|<MASK>|", "<|mask|>", "<|MASK|>", "<|mdm_mask|>", "[MASK]")
 
 
 def _tokenizer_mask_id(path: str) -> Optional[int]:
-    """The id of a mask token declared in tokenizer_config.json's added tokens, if any."""
-    tc = os.path.join(path, "tokenizer_config.json")
-    try:
-        with open(tc) as f:
-            added = json.load(f).get("added_tokens_decoder") or {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    for i, tok in added.items():
+    """The id of a mask token among the tokenizer's added tokens (tokenizer_config.json's
+    added_tokens_decoder, or tokenizer.json's added_tokens), if any."""
+    def read(name):
+        try:
+            with open(os.path.join(path, name)) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+
+    for i, tok in (read("tokenizer_config.json").get("added_tokens_decoder") or {}).items():
         if isinstance(tok, dict) and tok.get("content") in MASK_TOKENS:
             return int(i)
+    for tok in read("tokenizer.json").get("added_tokens") or []:
+        if isinstance(tok, dict) and tok.get("content") in MASK_TOKENS and isinstance(tok.get("id"), int):
+            return tok["id"]
     return None
 
 
@@ -243,10 +248,19 @@ def load_tokenizer_for(path_or_id: str, model_config=None):
     fam = family_of(model_config) if model_config is not None else family_of_checkpoint(path)
     if fam.format is None:
         return load_tokenizer(path)
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    # never the checkpoint's own code (its config's auto_map): the fast tokenizer from
+    # tokenizer.json, or a Qwen2 BPE from vocab.json + merges.txt (Dream's slow custom class
+    # reads the same files), else AutoTokenizer without remote code
     try:
-        return AutoTokenizer.from_pretrained(path)
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        if all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
+            from transformers import Qwen2TokenizerFast
+
+            return Qwen2TokenizerFast.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DLMError(f"could not load the tokenizer beside {path} ({first}); pass --tokenizer") from None

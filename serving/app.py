@@ -74,15 +74,20 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
 
     import torch
 
+    from dlm.families import family_of
+    from dlm.loading import load_tokenizer_for
     from dlm.model import load_model
     from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
     if model is None:
         dev = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_model(settings.model_dir).to(dev).eval()  # dlm's own classes: never remote code
-    if tokenizer is None:
+    own = family_of(model.config).format is None
+    if tokenizer is None and (settings.tokenizer or own):
         tokenizer = load_tokenizer(settings.tokenizer or settings.model_dir, trust_remote_code=settings.trust_remote_code)
-    check_tokenizer_for_model(tokenizer, model.config)
+    elif tokenizer is None:  # a published model's own tokenizer, as it is
+        tokenizer = load_tokenizer_for(settings.model_dir, model.config)
+    check_tokenizer_for_model(tokenizer, model.config, roles=own)
     svc = Service(settings, model, tokenizer)
     holder: dict = {}
     metrics = Metrics(lambda: holder.get("scheduler"))

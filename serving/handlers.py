@@ -66,7 +66,7 @@ class Service:
         self.name = settings.served_model_name or settings.model_dir.rstrip("/").split("/")[-1] or "dlm"
         self.family = family_of(cfg)
         self.is_ar = self.family.autoregressive
-        self.defaults = settings.defaults or DecodeConfig(cache=self.family.default_cache)
+        self.defaults = settings.defaults or DecodeConfig.for_family(self.family, cache=self.family.default_cache)
         # the AR baseline through the same scheduler: one token per request per step, exact logprobs
         self.decoder = ARDecoder(model) if self.is_ar else Decoder(model)
         self.compiler = None if self.is_ar else ConstraintCompiler(tokenizer, cfg.vocab_size, cfg.eos_token_id,
@@ -80,7 +80,7 @@ class Service:
                            param="model", code="model_not_found")
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.family.encode(self.tokenizer, text)
 
     def check_ids(self, prompts: list[list[int]]) -> None:
         for p in prompts:
@@ -207,7 +207,9 @@ class Service:
         self.check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        prompt = self.encode(self.chat_prompt(body.messages))
+        text = self.chat_prompt(body.messages)
+        # a published model's template writes its own special tokens (BOS, role markers) as text
+        prompt = self.encode(text) if self.family.prepend_bos else self.tokenizer.encode(text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens or body.max_tokens or self.settings.default_max_tokens
         config = self.decode_config(body, max_tokens)
         plan = Plan([prompt], config, self.stop_strings(body), body.n, body.seed, self.constraint_of(body),
@@ -302,12 +304,13 @@ class Service:
         their scores (what an in-process scorer computes)."""
         from dlm.likelihood import token_top_logprobs
 
-        full = [self.cfg.bos_token_id, *ids]
-        lp, tops = token_top_logprobs(self.model, full, k, start=1 + n_prompt)
+        full = self.family.prefix(ids, self.cfg.bos_token_id)  # BOS + ids for dlm's own models
+        off = len(full) - len(ids)
+        lp, tops = token_top_logprobs(self.model, full, k, start=max(1, off + n_prompt))
         if echo:
-            p_lp, p_tops = token_top_logprobs(self.model, full[: 1 + n_prompt], k)
-            lp[: 1 + n_prompt], tops[: 1 + n_prompt] = p_lp, p_tops
-        start = 1 if echo else 1 + n_prompt
+            p_lp, p_tops = token_top_logprobs(self.model, full[: off + n_prompt], k)
+            lp[: off + n_prompt], tops[: off + n_prompt] = p_lp, p_tops
+        start = off if echo else off + n_prompt
         toks = [self.tokenizer.decode([t]) for t in full[start:]]
         offsets, pos = [], 0
         for t in toks:
@@ -330,15 +333,16 @@ class Service:
         """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
         from dlm.likelihood import token_top_logprobs
 
-        full = [self.cfg.bos_token_id, *prompt, *gen]
-        lp, tops = token_top_logprobs(self.model, full, max(1, k), start=1 + len(prompt))
+        full = self.family.prefix([*prompt, *gen], self.cfg.bos_token_id)
+        first = len(full) - len(gen)
+        lp, tops = token_top_logprobs(self.model, full, max(1, k), start=max(1, first))
 
         def entry(t: int, v: float) -> dict:
             text = self.tokenizer.decode([t])
             return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8"))}
 
         content = []
-        for i in range(1 + len(prompt), len(full)):
+        for i in range(first, len(full)):
             e = entry(full[i], lp[i])
             e["top_logprobs"] = [entry(t, v) for t, v in (tops[i] or [])[:k]]
             content.append(e)

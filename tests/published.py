@@ -254,3 +254,38 @@ WRITERS = {"llada": write_llada, "dream": lambda d, **kw: write_qwen(d, "dream",
 
 def reference(d: str, family: str):
     return llada_reference(d) if family == "llada" else qwen_reference(d, family)
+
+
+# ------------------------------------------------------------------ a tiny tokenizer beside them
+CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,:;!?-+=()[]{}\"'/_\n"
+LLADA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                  "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                  "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tokenizer(d: str, family: str, vocab: int = 96) -> None:
+    """A character-level tokenizer in the checkpoint's folder: id 0 BOS, 1 EOS (also PAD), the
+    characters, the family's chat tokens, and its mask token at the config's mask id. Encoding
+    adds no special tokens (as the published tokenizers' defaults do)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    llada = family == "llada"
+    specials = (["<|startoftext|>", "<|endoftext|>"] if llada else ["<|beginoftext|>", "<|endoftext|>"])
+    chat = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"] if llada else ["<|im_start|>", "<|im_end|>"]
+    names = {"llada": "<|mdm_mask|>", "dream": "<|mask|>", "sdar": "<|MASK|>", "fast_dllm_v2": "|<MASK>|"}
+    mask_id = MASK_LLADA if llada else (93 if family == "fast_dllm_v2" else MASK_QWEN)
+    table = {t: i for i, t in enumerate(specials + list(CHARS) + chat)}
+    table["<unk>"] = len(table)
+    assert len(table) < mask_id < vocab
+    table[names[family]] = mask_id
+    tk = Tokenizer(models.BPE(vocab=table, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=specials[0], eos_token=specials[1],
+                                  pad_token=specials[1], unk_token="<unk>",
+                                  additional_special_tokens=chat + [names[family]],
+                                  chat_template=LLADA_TEMPLATE if llada else QWEN_TEMPLATE)
+    tok.save_pretrained(d)

@@ -114,8 +114,12 @@ def test_every_cache_decodes_and_batches_equal_single_prompts(models, family):
 def test_family_default_decoding(models):
     from dlm.families import family_of
 
-    cfg = DecodeConfig.for_family(family_of(models["llada"].config), max_new_tokens=8)
+    llada = family_of(models["llada"].config)
+    cfg = DecodeConfig.for_family(llada, max_new_tokens=64)
     assert (cfg.unmask, cfg.threshold, cfg.block_length, cfg.cache) == ("threshold", 0.9, 32, "auto")
+    # a default block length that does not divide the length: the largest below it that does
+    assert [DecodeConfig.for_family(llada, max_new_tokens=n).block_length for n in (8, 100, 96)] == [8, 25, 32]
+    assert DecodeConfig.for_family(llada, max_new_tokens=100, block_length=50).block_length == 50
     assert family_of(models["llada"].config).resolve_cache(cfg.cache) == "dual"
     assert family_of(models["sdar"].config).resolve_cache("auto") == "exact"
     res = Decoder(models["sdar"]).generate([[5, 6, 7]])  # no config: the family's

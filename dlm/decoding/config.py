@@ -132,7 +132,7 @@ class DecodeConfig:
     def for_family(cls, fam, **given) -> "DecodeConfig":
         """The family's default decoding (dlm/families.py; e.g. threshold + dual cache for LLaDA),
         overridden by the options `given`."""
-        return cls(**{**dict(fam.defaults), **given})
+        return cls(**family_values(fam, given))
 
     @classmethod
     def coerce(cls, name: str, value):
@@ -185,13 +185,24 @@ def cli_flags(parser, group_title: str = "decoding", exclude: Sequence[str] = ()
                            help=text)
 
 
+def family_values(fam, given: dict) -> dict:
+    """The options `given`, completed with the family's defaults. A default block length that
+    does not divide max_new_tokens becomes the largest one below it that does."""
+    values = {**dict(fam.defaults), **given}
+    if "block_length" not in given and values.get("block_length"):
+        n = values.get("max_new_tokens", DecodeConfig.max_new_tokens)
+        b = values["block_length"]
+        if n % b:
+            values["block_length"] = max(d for d in range(1, min(b, n) + 1) if n % d == 0)
+    return values
+
+
 def from_flags(args, family=None, **overrides) -> DecodeConfig:
     """A DecodeConfig from parsed flags (those cli_flags added): the flags given, then the model
     family's defaults (if `family`), then DecodeConfig's; `overrides` win over all."""
-    values = dict(family.defaults) if family is not None else {}
-    values.update({f.name: getattr(args, f.name) for f in DecodeConfig.options("cli") if hasattr(args, f.name)})
-    values.update(overrides)
-    return DecodeConfig(**values)
+    given = {f.name: getattr(args, f.name) for f in DecodeConfig.options("cli") if hasattr(args, f.name)}
+    given.update(overrides)
+    return DecodeConfig(**(family_values(family, given) if family is not None else given))
 
 
 def server_fields() -> dict:
