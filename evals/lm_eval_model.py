@@ -59,15 +59,18 @@ class DLMEvalModel(LM):
     def __init__(self, pretrained: str = None, tokenizer: Optional[str] = None, device: Optional[str] = None,
                  batch_size=8, mc_samples=32, max_length=None, seed=0, loglikelihood="elbo", **decoder_args):
         super().__init__()
+        from dlm.loading import load_tokenizer_for
         from dlm.model import load_model
         from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
         if not pretrained:
-            raise DLMError("model_args needs pretrained=DIR (a model directory written by `dlm train`)")
+            raise DLMError("model_args needs pretrained=DIR (a model directory written by `dlm train`, a published "
+                           "checkpoint's directory or a hub id)")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_model(pretrained).to(dev).eval()
-        self.tok = load_tokenizer(tokenizer or pretrained)
-        check_tokenizer_for_model(self.tok, self.model.config)
+        own = family_of(self.model.config).format is None
+        self.tok = load_tokenizer(tokenizer) if tokenizer else load_tokenizer_for(pretrained, self.model.config)
+        check_tokenizer_for_model(self.tok, self.model.config, roles=own or bool(tokenizer))
         self.cfg = self.model.config
         self.device_ = dev
         self.batch_size_ = int(batch_size) if str(batch_size) != "auto" else 8
@@ -107,9 +110,18 @@ class DLMEvalModel(LM):
 
     # -------------------------------------------------------------- tokens
     def _encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
+        return self.family.encode(self.tok, text)
+
+    @property
+    def _prefix_token(self) -> int:
+        """What starts a context: BOS, or EOS for a tokenizer without one (as lm-eval's HF model)."""
+        return self.cfg.bos_token_id if self.cfg.bos_token_id is not None else self.cfg.eos_token_id
 
     def _with_bos(self, ids: list[int]) -> list[int]:
+        """dlm's own models: BOS + ids. Published ones: the ids as tokenized (the prefix token
+        alone for an empty context)."""
+        if not self.family.prepend_bos:
+            return list(ids) if ids else [self._prefix_token]
         return ids if ids[:1] == [self.cfg.bos_token_id] else [self.cfg.bos_token_id, *ids]
 
     # -------------------------------------------------------------- loglikelihood
@@ -134,7 +146,7 @@ class DLMEvalModel(LM):
         for req in requests:
             (text,) = req.args
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self._encode(text), prefix_token=self.cfg.bos_token_id,
+                token_list=self._encode(text), prefix_token=self._prefix_token,
                 max_seq_len=self.max_length - 1, context_len=1)]
             scores = self.score_pairs([(self._with_bos(c), t) for c, t in windows], disable_tqdm=True)
             out.append(sum(s for s, _ in scores))
@@ -224,7 +236,8 @@ class DLMEvalModel(LM):
             for b in range(0, len(group), self.batch_size_):
                 chunk = group[b : b + self.batch_size_]
                 kw = chunk[0][4]
-                res = _generate(dec, [j[1] for j in chunk], DecodeConfig(**kw), [self.seed + j[0] for j in chunk])
+                config = DecodeConfig(**kw) if self.is_ar else DecodeConfig.for_family(self.family, **kw)
+                res = _generate(dec, [j[1] for j in chunk], config, [self.seed + j[0] for j in chunk])
                 outs = [r.tokens for r in res]
                 for (i, _, until, _, _), tokens in zip(chunk, outs):
                     text = self.tok.decode(tokens, skip_special_tokens=True)

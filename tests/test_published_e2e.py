@@ -74,3 +74,21 @@ def test_serve_answers_the_openai_client(ckpt, family):
         assert re.fullmatch("[0-9]{3}", r.choices[0].text)
     finally:
         s.stop()
+
+
+def test_lm_eval_scores_and_generates(ckpt):
+    pytest.importorskip("lm_eval")
+    from dlm.evals.lm_eval_model import DLMEvalModel
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    lm = DLMEvalModel(pretrained=str(ckpt["dream"]), mc_samples=4, batch_size=2)
+    scores = lm.loglikelihood([Req("add: 1+2=", "3"), Req("", "abc")])
+    assert all(ll < 0 and isinstance(greedy, bool) for ll, greedy in scores)
+    assert lm.loglikelihood_rolling([Req("the cat sat on the mat")])[0] < 0
+    chain = DLMEvalModel(pretrained=str(ckpt["sdar"]), loglikelihood="chain").loglikelihood([Req("ab", "cd")])
+    assert chain[0][0] < 0
+    out = lm.generate_until([Req("add: 1+2=", {"until": ["\n"], "max_gen_toks": 8})])
+    assert isinstance(out[0], str) and "\n" not in out[0]
