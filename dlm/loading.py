@@ -237,17 +237,36 @@ def _put(model, name: str, t: torch.Tensor) -> None:
     setattr(mod, attr, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
 
 
+def published_config(path_or_id: str):
+    """The DLMConfig of a published checkpoint, without its weights (None for dlm's own)."""
+    from dlm.formats import detect, format_of
+    from dlm.model import DLMConfig
+
+    path = resolve(path_or_id)
+    raw = read_config(path)
+    fam = detect(raw, where=path)
+    return None if fam.format is None else DLMConfig(**format_of(fam).config(fam, raw, where=path))
+
+
 def load_tokenizer_for(path_or_id: str, model_config=None):
     """The tokenizer beside a model: dlm's own (with its special roles) for dlm checkpoints, the
     checkpoint's own AutoTokenizer for published ones (mask / EOS / pad ids are the model's, never
     re-added)."""
     from dlm.families import family_of
-    from dlm.tokenizer import load_tokenizer
+    from dlm.tokenizer import load_tokenizer, use_model_ids
 
     path = resolve(path_or_id)
-    fam = family_of(model_config) if model_config is not None else family_of_checkpoint(path)
+    if model_config is None:
+        model_config = published_config(path)
+        if model_config is None:
+            return load_tokenizer(path)
+    fam = family_of(model_config)
     if fam.format is None:
         return load_tokenizer(path)
+    return use_model_ids(_published_tokenizer(path), model_config)
+
+
+def _published_tokenizer(path: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     # never the checkpoint's own code (its config's auto_map): the fast tokenizer from
@@ -266,9 +285,10 @@ def load_tokenizer_for(path_or_id: str, model_config=None):
         raise DLMError(f"could not load the tokenizer beside {path} ({first}); pass --tokenizer") from None
 
 
-def save_model(model, out_dir: str) -> str:
-    """Save a model: dlm's own with save_pretrained, a published family's in its own format
-    (config.json and safetensors with its tensor names)."""
+def save_model(model, out_dir: str, state_dict: Optional[dict] = None) -> str:
+    """Save a model (or `state_dict` for it: EMA weights, gathered ZeRO-3 shards): dlm's own with
+    save_pretrained, a published family's in its own format (config.json and safetensors with
+    its tensor names), so it loads back as that family."""
     from safetensors.torch import save_file
 
     from dlm.families import family_of
@@ -277,11 +297,11 @@ def save_model(model, out_dir: str) -> str:
     fam = family_of(model.config)
     os.makedirs(out_dir, exist_ok=True)
     if fam.format is None:
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         return out_dir
     fmt = format_of(fam)
     names = fmt.names(model.config)
-    sd = model.state_dict()
+    sd = state_dict if state_dict is not None else model.state_dict()
     tensors = {theirs: sd[ours].detach().contiguous().cpu() for theirs, ours in names.items()}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     raw = fmt.write_config(fam, model.config, dict(getattr(model, "source_config", None) or {}))

@@ -192,9 +192,25 @@ def check_tokenizer(tok) -> None:
 
 
 def special_token_ids(tok) -> dict[str, int]:
-    """{"bos", "eos", "pad", "mask"} -> token id (DLMError if a role is missing)."""
+    """{"bos", "eos", "pad", "mask"} -> token id (DLMError if a role is missing). A published
+    model's tokenizer carries its model's ids (`use_model_ids`): they win over the tokenizer's."""
+    given = getattr(tok, "dlm_special_ids", None)
+    if given is not None:
+        return dict(given)
     check_tokenizer(tok)
     return {r: int(getattr(tok, f"{r}_token_id")) for r in ROLES}
+
+
+def use_model_ids(tok, config):
+    """Attach a model config's BOS / EOS / PAD / MASK ids to a published model's tokenizer (the
+    data pipeline's roles; BOS falls back to EOS and PAD to EOS, as for Qwen tokenizers)."""
+    eos = config.eos_token_id
+    tok.dlm_special_ids = {"bos": config.bos_token_id if config.bos_token_id is not None else eos, "eos": eos,
+                           "pad": config.pad_token_id if config.pad_token_id is not None else eos,
+                           "mask": config.mask_token_id}
+    if any(v is None for v in tok.dlm_special_ids.values()):
+        raise DLMError(f"the model config lacks special ids ({tok.dlm_special_ids}); dlm needs EOS and MASK")
+    return tok
 
 
 def check_tokenizer_for_model(tok, config, where: str = "the model", roles: bool = True) -> None:
@@ -224,6 +240,6 @@ def model_vocab_size(tok, multiple: int = 64) -> int:
 def tokenizer_fingerprint(tok) -> str:
     """sha256 of the full tokenizer definition plus the special-role ids; keys cached datasets."""
     h = hashlib.sha256(tok.backend_tokenizer.to_str().encode("utf-8"))
-    ids = {r: getattr(tok, f"{r}_token_id", None) for r in ROLES}
+    ids = getattr(tok, "dlm_special_ids", None) or {r: getattr(tok, f"{r}_token_id", None) for r in ROLES}
     h.update(json.dumps(ids, sort_keys=True).encode("utf-8"))
     return h.hexdigest()

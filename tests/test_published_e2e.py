@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import child_env
 from published import WRITERS, write_tokenizer
@@ -92,3 +93,23 @@ def test_lm_eval_scores_and_generates(ckpt):
     assert chain[0][0] < 0
     out = lm.generate_until([Req("add: 1+2=", {"until": ["\n"], "max_gen_toks": 8})])
     assert isinstance(out[0], str) and "\n" not in out[0]
+
+
+@pytest.mark.parametrize("family", ["llada", "sdar"])
+def test_fine_tuning_under_zero3_saves_the_family_format(ckpt, family, small_corpus, tmp_path):
+    from dlm import load_model
+    from dlm.training.config import TrainConfig
+    from dlm.training.trainer import train
+
+    out = train(TrainConfig(data=small_corpus, output_dir=str(tmp_path / "ft"), init_from=str(ckpt[family]),
+                            seq_len=32, micro_batch=2, max_steps=2, eval_every=2, eval_batches=1, save_every=2,
+                            zero_stage=3, tensorboard=False, lr=1e-3))
+    raw = json.loads((tmp_path / "ft" / "model" / "config.json").read_text())
+    orig = json.loads((ckpt[family] / "config.json").read_text())
+    assert raw["model_type"] == orig["model_type"]
+    tuned, base = load_model(out), load_model(str(ckpt[family]))
+    assert tuned.config.family == family
+    changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed  # the step moved the weights
+    metrics = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m and m["loss"] > 0 for m in metrics)

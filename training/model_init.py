@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from dlm.errors import DLMError
-from dlm.families import family
+from dlm.families import family, family_of
 from dlm.training.config import TrainConfig
 
 
@@ -27,7 +27,8 @@ def build_model(cfg: TrainConfig, tok, log=print):
         if model.config.objective != cfg.objective:
             convert_objective(model, cfg)
             log(f"initialising a {cfg.objective} model from the weights of {cfg.init_from}")
-        check_tokenizer_for_model(tok, model.config, where=f"--init-from {cfg.init_from}")
+        check_tokenizer_for_model(tok, model.config, where=f"--init-from {cfg.init_from}",
+                                  roles=family_of(model.config).format is None)
     else:
         extra = {}
         if fam.block_causal:

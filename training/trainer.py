@@ -57,6 +57,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = D.setup(cfg.threads)
         self.stop_requested = False
+        self.published = None  # the config of a published checkpoint this run fine-tunes
         self.stop_signal = signal.SIGINT
         self.out = cfg.output_dir
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
@@ -91,10 +92,18 @@ class Trainer:
                                "keep them as they were, or start a new --output-dir")
 
     def setup_tokenizer(self):
-        from dlm.tokenizer import check_tokenizer, load_tokenizer, train_tokenizer
+        from dlm.tokenizer import check_tokenizer, load_tokenizer, train_tokenizer, use_model_ids
 
         cfg = self.cfg
         tok_dir = os.path.join(self.out, "tokenizer")
+        if self.published is not None:  # fine-tuning a published model: its own tokenizer and ids
+            from dlm.loading import load_tokenizer_for
+
+            tok = use_model_ids(load_tokenizer(cfg.tokenizer), self.published) if cfg.tokenizer else \
+                load_tokenizer_for(cfg.init_from, self.published)
+            if self.dist.is_main:
+                tok.save_pretrained(tok_dir)
+            return tok
         if cfg.tokenizer:
             tok = load_tokenizer(cfg.tokenizer)
             check_tokenizer(tok)
@@ -152,6 +161,7 @@ class Trainer:
         from dlm.objectives import make_objective
 
         cfg = self.cfg
+        self.published = self._published_init()
         if self.dist.is_main:
             os.makedirs(self.out, exist_ok=True)
             checkpoint.atomic_write_text(os.path.join(self.out, "train_config.json"), json.dumps(cfg.to_dict(), indent=1))
@@ -181,6 +191,27 @@ class Trainer:
         elif cfg.resume:
             self.log(f"--resume: no checkpoint in {self.ckpt_dir} yet, starting fresh")
         return Run(tok, train_ds, val_ds, objective, engine, ema, ds_cfg["zero_optimization"]["stage"], bf16, step)
+
+    def _published_init(self):
+        """--init-from a published checkpoint: its config (no weights yet), and the run trains it
+        under its family's objective (a block-causal family with its own block size)."""
+        from dlm.families import family_of
+        from dlm.loading import published_config
+
+        cfg = self.cfg
+        pub = published_config(cfg.init_from) if cfg.init_from else None
+        if pub is None:
+            return None
+        fam = family_of(pub)
+        if cfg.objective != fam.objective:
+            if cfg.objective != TrainConfig.objective:  # given explicitly: refuse, naming the right one
+                raise DLMError(f"--init-from {cfg.init_from} is a {fam.name} model, trained as {fam.objective}; "
+                               f"drop --objective {cfg.objective} (or pass --objective {fam.objective})")
+            self.log(f"{cfg.init_from} is a {fam.name} model: training it as {fam.objective}")
+            cfg.objective = fam.objective
+        if fam.block_causal:
+            cfg.block_size = pub.block_size
+        return pub
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
@@ -385,7 +416,9 @@ class Trainer:
         if self.dist.is_main:
             tmp = final + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            from dlm.loading import save_model
+
+            save_model(module, tmp, state_dict=sd)  # a published family: in its own format
             tok.save_pretrained(tmp)
             _readable(tmp)
             shutil.rmtree(final, ignore_errors=True)
