@@ -108,6 +108,12 @@ FAMILIES: dict[str, Family] = {
                "bd3lm", block_causal=True, caches=("none", "exact"), default_cache="exact", backbone="fast_dllm_v2",
                format="qwen", model_type="Fast_dLLM_Qwen", logit_shift=1, prepend_bos=False, block_size=32,
                defaults=(("unmask", "threshold"), ("threshold", 0.9))),
+        Family("mdlm_owt", "MDLM on OpenWebText (Sahoo et al. 2024): kuleshov-group/mdlm-owt", "mdlm",
+               caches=("none", "prefix", "dual"), backbone="dit", format="dit", model_type="mdlm",
+               time_conditioning=True),
+        Family("bd3lm_owt", "BD3-LM on OpenWebText (Arriola et al. 2025): kuleshov-group/bd3lm-owt-block_size4 / 8 "
+               "/ 16", "bd3lm", block_causal=True, caches=("none", "exact"), default_cache="exact", backbone="dit",
+               format="dit", model_type="bd3lm", time_conditioning=True),
         Family("sdar", "SDAR (JetAstra 2025): JetLM/SDAR-1.7B-Chat / -4B-Chat / -8B-Chat", "bd3lm",
                block_causal=True, caches=("none", "exact"), default_cache="exact", backbone="sdar", format="qwen",
                model_type="sdar", prepend_bos=False, block_size=4,

@@ -194,7 +194,9 @@ def _load_published(path: str, raw: dict, fam: Family, dtype):
 
     fmt = format_of(fam)
     cfg = DLMConfig(**fmt.config(fam, raw, where=path))
-    names = fmt.names(cfg)
+    names = fmt.names(cfg)  # theirs -> ours (a tuple: a fused tensor split in equal parts)
+    ignored = getattr(fmt, "IGNORED", ())
+    convert = getattr(fmt, "to_dlm", None)
     with torch.device("meta"):
         model = DLMModel(cfg)
     params = dict(model.named_parameters())
@@ -205,23 +207,27 @@ def _load_published(path: str, raw: dict, fam: Family, dtype):
                 for key in f.keys():
                     ours = names.get(key)
                     if ours is None:
-                        if IGNORED.search(key):
+                        if IGNORED.search(key) or key in ignored:
                             continue
                         raise DLMError(f"{os.path.basename(fname)} holds tensor {key!r}, which a {fam.name} checkpoint "
                                        f"with this config does not have; the config and the weights disagree")
                     t = f.get_tensor(key)
-                    want = tuple(params[ours].shape)
+                    if convert is not None:
+                        t = convert(key, t, cfg)
+                    parts = ours if isinstance(ours, tuple) else (ours,)
+                    want = (sum(params[n].shape[0] for n in parts), *params[parts[0]].shape[1:])
                     if tuple(t.shape) != want:
                         raise DLMError(f"tensor {key!r} has shape {tuple(t.shape)}, the config implies {want}; the "
                                        "config and the weights disagree")
-                    _put(model, ours, t if dtype is None else t.to(dtype))
-                    filled.add(ours)
+                    for n, piece in zip(parts, t.split([params[n].shape[0] for n in parts]) if len(parts) > 1 else (t,)):
+                        _put(model, n, (piece if dtype is None else piece.to(dtype)).contiguous())
+                        filled.add(n)
         except DLMError:
             raise
         except Exception as e:  # a truncated or corrupt shard
             raise DLMError(f"could not read {fname}: {type(e).__name__}: {e}; re-download the checkpoint") from None
-    theirs = {v: k for k, v in names.items()}
-    missing = [theirs[n] for n in names.values() if n not in filled]
+    theirs = {n: k for k, v in names.items() for n in (v if isinstance(v, tuple) else (v,))}
+    missing = sorted({theirs[n] for n in theirs if n not in filled})
     if missing:
         raise DLMError(f"{path} lacks tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                        + f" of a {fam.name} checkpoint; a shard is missing or the config does not match the weights")
@@ -302,7 +308,12 @@ def save_model(model, out_dir: str, state_dict: Optional[dict] = None) -> str:
     fmt = format_of(fam)
     names = fmt.names(model.config)
     sd = state_dict if state_dict is not None else model.state_dict()
-    tensors = {theirs: sd[ours].detach().contiguous().cpu() for theirs, ours in names.items()}
+    back = getattr(fmt, "from_dlm", None)
+    tensors = {}
+    for theirs, ours in names.items():
+        t = torch.cat([sd[n] for n in ours]) if isinstance(ours, tuple) else sd[ours]
+        t = t.detach().cpu()
+        tensors[theirs] = (back(theirs, t, model.config) if back is not None else t).contiguous()
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     raw = fmt.write_config(fam, model.config, dict(getattr(model, "source_config", None) or {}))
     raw.pop(TOKENIZER_MASK, None)

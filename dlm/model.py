@@ -71,6 +71,11 @@ class DLMConfig(PretrainedConfig):
         qk_norm: bool = False,
         logit_shift: int = 0,
         family: Optional[str] = None,
+        norm_type: str = "rms",
+        mlp_type: str = "swiglu",
+        mlp_bias: bool = False,
+        lm_head_bias: bool = False,
+        adaln: Optional[bool] = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -98,6 +103,11 @@ class DLMConfig(PretrainedConfig):
         self.head_dim = head_dim or hidden_size // num_attention_heads
         self.attention_bias, self.qk_norm, self.logit_shift = attention_bias, qk_norm, int(logit_shift)
         self.family = family  # the model family (dlm/families.py); None: the objective's own
+        # the DiT block of the MDLM / BD3-LM OpenWebText checkpoints: LayerNorm (weight only),
+        # a GELU-tanh MLP with biases, an output bias, and adaLN layers that may be fed sigma = 0
+        # (their models were trained without time conditioning but keep the modulation)
+        self.norm_type, self.mlp_type, self.mlp_bias, self.lm_head_bias = norm_type, mlp_type, mlp_bias, lm_head_bias
+        self.adaln = bool(time_conditioning) if adaln is None else bool(adaln)
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -119,6 +129,11 @@ class DLMConfig(PretrainedConfig):
             )
         if self.head_dim % 2:
             raise DLMError("the head dimension must be even for rotary embeddings; change hidden_size or heads")
+        if self.norm_type not in ("rms", "layer") or self.mlp_type not in ("swiglu", "gelu"):
+            raise DLMError(f"unknown norm_type {self.norm_type!r} / mlp_type {self.mlp_type!r}; "
+                           "dlm has rms / layer and swiglu / gelu")
+        if self.time_conditioning and not self.adaln:
+            raise DLMError("a time-conditioned model needs its adaLN layers (adaln)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise DLMError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                            f"num_key_value_heads {self.num_key_value_heads}")
@@ -170,6 +185,23 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, computed in float32 (the DiT of MDLM / BD3-LM)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        return self.weight * F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
+
+
+def make_norm(config, dim: int) -> nn.Module:
+    return LayerNorm(dim) if config.norm_type == "layer" else RMSNorm(dim, config.rms_norm_eps)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -341,28 +373,33 @@ def _flex_attention():
 
 
 class MLP(nn.Module):
+    """SwiGLU (Llama: down(silu(gate(x)) * up(x))), or GELU-tanh (the DiT: down(gelu(up(x))))."""
+
     def __init__(self, config: DLMConfig):
         super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gelu = config.mlp_type == "gelu"
+        self.gate_proj = None if self.gelu else nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
         self.down_proj._dlm_residual = True
 
     def forward(self, x):
+        if self.gelu:
+            return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, config: DLMConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = make_norm(config, config.hidden_size)
         self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(config, config.hidden_size)
         self.mlp = MLP(config)
         # adaLN (DiT / MDLM): shift, scale, gate for each sub-layer, zero-initialised so a
         # time-conditioned model starts identical to an unconditioned one.
-        self.adaLN = nn.Linear(config.cond_dim, 6 * config.hidden_size) if config.time_conditioning else None
+        self.adaLN = nn.Linear(config.cond_dim, 6 * config.hidden_size) if config.adaln else None
         if self.adaLN is not None:
             self.adaLN._dlm_zero_init = True
 
@@ -374,7 +411,7 @@ class Block(nn.Module):
             return x + self.mlp(self.post_attention_layernorm(x))
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(cond)[:, None].chunk(6, dim=-1)
         h = self.input_layernorm(x) * (1 + sc1) + sh1
-        x = x + (1 + g1) * self.self_attn(h, cos, sin, attn_mask, is_causal, cache)
+        x = x + (1 + g1) * self.self_attn(h, cos, sin, attn_mask, is_causal, cache, None, pack)
         h = self.post_attention_layernorm(x) * (1 + sc2) + sh2
         return x + (1 + g2) * self.mlp(h)
 
@@ -420,7 +457,7 @@ class DLMPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
+        elif isinstance(module, (RMSNorm, LayerNorm)):
             nn.init.ones_(module.weight)
 
 
@@ -443,11 +480,11 @@ class DLMModel(DLMPreTrainedModel):
             nn.ModuleList(Block(config, n_enc + i) for i in range(config.num_decoder_layers))
             if config.num_decoder_layers else None
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.norm = make_norm(config, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_word_embeddings:  # one matrix for both ends (Qwen's small models)
             self.lm_head.weight = self.embed_tokens.weight
-        if config.time_conditioning:
+        if config.adaln:
             self.time_embed = TimestepEmbedder(config.cond_dim)
             self.final_adaLN = nn.Linear(config.cond_dim, 2 * config.hidden_size)
             self.final_adaLN._dlm_zero_init = True
@@ -543,7 +580,7 @@ class DLMModel(DLMPreTrainedModel):
 
         pack = None
         if query_valid is not None and not bool(query_valid.all()):
-            if self.time_embed is not None:
+            if self.config.time_conditioning:
                 raise ValueError("query_valid needs a model without time input")
             if attn_mask is None or output_positions is None:
                 raise ValueError("query_valid needs an explicit attn_mask that hides the left-out tokens "
@@ -557,10 +594,12 @@ class DLMModel(DLMPreTrainedModel):
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         cond = None
-        if self.time_embed is not None:
+        if self.config.time_conditioning:
             if sigma is None:
                 raise ValueError("this model is time-conditioned: pass sigma")
             cond = self.time_embed(sigma.reshape(-1).expand(B) if sigma.numel() == 1 else sigma)
+        elif self.time_embed is not None:  # adaLN fed sigma = 0: one modulation for every row
+            cond = self.time_embed(torch.zeros(1, device=input_ids.device))
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, is_causal, cond, cache, pack=pack)
         x = self.norm(x)

@@ -289,3 +289,54 @@ def write_tokenizer(d: str, family: str, vocab: int = 96) -> None:
                                   additional_special_tokens=chat + [names[family]],
                                   chat_template=LLADA_TEMPLATE if llada else QWEN_TEMPLATE)
     tok.save_pretrained(d)
+
+
+# ------------------------------------------------------------------ the DiT (MDLM / BD3-LM on OpenWebText)
+def dit_config(kind: str, vocab=96, d=32, heads=4, layers=2, cond=16, block=4, length=64) -> dict:
+    """The fields of kuleshov-group/mdlm-owt's and bd3lm-owt-block_size{4,8,16}'s config.json
+    (MDLMConfig / BD3LMConfig), at a tiny size. Mask id = vocab - 1, GPT-2's <|endoftext|> =
+    vocab - 2 (50257 / 50256 in the real models)."""
+    c = {"vocab_size": vocab, "model_length": length, "hidden_dim": d, "cond_dim": cond, "n_blocks": layers,
+         "n_heads": heads, "dropout": 0.1, "time_conditioning": False, "return_dict": False}
+    if kind == "mdlm":
+        return {**c, "model_type": "mdlm", "architectures": ["MDLM"],
+                "auto_map": {"AutoConfig": "configuration_mdlm.MDLMConfig",
+                             "AutoModelForMaskedLM": "modeling_mdlm.MDLM"}}
+    return {**c, "model_type": "bd3lm", "architectures": ["BD3LM"], "block_size": block, "cross_attn": True,
+            "adaln": True, "attn_backend": "sdpa", "causal": False, "var_min": True, "sampling_eps_min": 1e-3,
+            "sampling_eps_max": 0.999,
+            "auto_map": {"AutoConfig": "configuration_bd3lm.BD3LMConfig",
+                         "AutoModelForMaskedLM": "modeling_bd3lm.BD3LM"}}
+
+
+def write_dit(d: str, kind: str, seed: int = 0, **kw) -> dict:
+    """A tiny DiT checkpoint with the reference's tensor names (backbone.vocab_embed.embedding,
+    backbone.blocks.{i}.attn_qkv, adaLN_modulation, mlp.0 / mlp.2, output_layer.*), every tensor
+    random (adaLN too: in the reference they start at zero)."""
+    c = dit_config(kind, **kw)
+    g = torch.Generator().manual_seed(seed)
+    D, V, C = c["hidden_dim"], c["vocab_size"], c["cond_dim"]
+    b = "backbone."
+    t = {b + "vocab_embed.embedding": _rand((V, D), g, 1.0),
+         b + "sigma_map.mlp.0.weight": _rand((C, 256), g), b + "sigma_map.mlp.0.bias": _rand((C,), g),
+         b + "sigma_map.mlp.2.weight": _rand((C, C), g), b + "sigma_map.mlp.2.bias": _rand((C,), g),
+         b + "rotary_emb.inv_freq": 1.0 / (10000 ** (torch.arange(0, D // c["n_heads"], 2).float() / (D // c["n_heads"]))),
+         b + "output_layer.norm_final.weight": _norm(D, g),
+         b + "output_layer.linear.weight": _rand((V, D), g), b + "output_layer.linear.bias": _rand((V,), g),
+         b + "output_layer.adaLN_modulation.weight": _rand((2 * D, C), g),
+         b + "output_layer.adaLN_modulation.bias": _rand((2 * D,), g)}
+    for i in range(c["n_blocks"]):
+        p = f"{b}blocks.{i}."
+        t.update({p + "norm1.weight": _norm(D, g), p + "norm2.weight": _norm(D, g),
+                  p + "attn_qkv.weight": _rand((3 * D, D), g), p + "attn_out.weight": _rand((D, D), g),
+                  p + "mlp.0.weight": _rand((4 * D, D), g), p + "mlp.0.bias": _rand((4 * D,), g),
+                  p + "mlp.2.weight": _rand((D, 4 * D), g), p + "mlp.2.bias": _rand((D,), g),
+                  p + "adaLN_modulation.weight": _rand((6 * D, C), g), p + "adaLN_modulation.bias": _rand((6 * D,), g)})
+    if kind == "bd3lm":
+        t["sampling_eps_min"] = torch.tensor(1e-3)
+        t["sampling_eps_max"] = torch.tensor(0.999)
+    os.makedirs(d, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(c, f, indent=2)
+    return c

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dlm.decoding import DecodeConfig, Decoder
-from published import WRITERS
+from published import WRITERS, write_dit
 
-FAMILIES = ["llada", "dream", "fast_dllm_v2", "sdar"]
+FAMILIES = ["llada", "dream", "fast_dllm_v2", "sdar", "mdlm_owt", "bd3lm_owt"]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,10 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("published_decode")
     out = {}
     for fam in FAMILIES:
-        WRITERS[fam](str(root / fam), seed=7)
+        if fam.endswith("_owt"):
+            write_dit(str(root / fam), fam[: -len("_owt")], seed=7)
+        else:
+            WRITERS[fam](str(root / fam), seed=7)
         m = load_model(str(root / fam))
         if fam == "fast_dllm_v2":  # its tiny config has no mask token: use the last id
             m.config.mask_token_id = 93
@@ -31,10 +34,12 @@ def models(tmp_path_factory):
 
 
 def _requests(dec, canvases, prompt_lens, config):
-    """Requests whose canvases are set by hand (the prompt is the canvas' first P tokens)."""
+    """Requests whose canvases are set by hand (the canvas' first P tokens: the prompt, after the
+    BOS that dlm's own DiT families put in front)."""
     reqs = []
+    off = 1 if dec.family.prepend_bos else 0
     for row, P in zip(canvases, prompt_lens):
-        r = dec.new_request(row[:P].tolist(), dataclasses.replace(config, max_new_tokens=len(row) - P))
+        r = dec.new_request(row[off:P].tolist(), dataclasses.replace(config, max_new_tokens=len(row) - P))
         r.canvas[:] = row
         reqs.append(r)
     return reqs
@@ -46,7 +51,7 @@ def test_the_canvas_starts_with_the_prompt_as_given(models):
     assert r.canvas[:3].tolist() == [5, 6, 7] and r.P == 3  # no BOS in front
 
 
-@pytest.mark.parametrize("family", ["sdar", "fast_dllm_v2"])
+@pytest.mark.parametrize("family", ["sdar", "fast_dllm_v2", "bd3lm_owt"])
 def test_exact_cache_logits_match_the_full_computation(models, family):
     model = models[family]
     mask = model.config.mask_token_id
@@ -69,7 +74,7 @@ def test_exact_cache_logits_match_the_full_computation(models, family):
                     torch.testing.assert_close(r.logits, full[i, lo:hi], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "mdlm_owt"])
 def test_approximate_caches_are_exact_at_refresh(models, family):
     model = models[family]
     mask = model.config.mask_token_id
