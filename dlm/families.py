@@ -43,6 +43,7 @@ class Family:
     logit_shift: int = 0
     prepend_bos: bool = True  # dlm's canvases start with BOS; published models take prompts as tokenized
     block_size: Optional[int] = None  # a published block-causal model's block
+    tokenizer: Optional[str] = None  # the tokenizer to use when the checkpoint ships none (a hub id)
     defaults: tuple = ()  # (option, value) pairs of DecodeConfig
 
     def resolve_cache(self, cache: str) -> str:
@@ -110,10 +111,10 @@ FAMILIES: dict[str, Family] = {
                defaults=(("unmask", "threshold"), ("threshold", 0.9))),
         Family("mdlm_owt", "MDLM on OpenWebText (Sahoo et al. 2024): kuleshov-group/mdlm-owt", "mdlm",
                caches=("none", "prefix", "dual"), backbone="dit", format="dit", model_type="mdlm",
-               time_conditioning=True),
+               time_conditioning=True, tokenizer="gpt2"),
         Family("bd3lm_owt", "BD3-LM on OpenWebText (Arriola et al. 2025): kuleshov-group/bd3lm-owt-block_size4 / 8 "
                "/ 16", "bd3lm", block_causal=True, caches=("none", "exact"), default_cache="exact", backbone="dit",
-               format="dit", model_type="bd3lm", time_conditioning=True),
+               format="dit", model_type="bd3lm", time_conditioning=True, tokenizer="gpt2"),
         Family("sdar", "SDAR (JetAstra 2025): JetLM/SDAR-1.7B-Chat / -4B-Chat / -8B-Chat", "bd3lm",
                block_causal=True, caches=("none", "exact"), default_cache="exact", backbone="sdar", format="qwen",
                model_type="sdar", prepend_bos=False, block_size=4,

@@ -254,10 +254,14 @@ def published_config(path_or_id: str):
     return None if fam.format is None else DLMConfig(**format_of(fam).config(fam, raw, where=path))
 
 
-def load_tokenizer_for(path_or_id: str, model_config=None):
-    """The tokenizer beside a model: dlm's own (with its special roles) for dlm checkpoints, the
-    checkpoint's own AutoTokenizer for published ones (mask / EOS / pad ids are the model's, never
-    re-added)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer_for(path_or_id: str, model_config=None, tokenizer: Optional[str] = None):
+    """The tokenizer of a model. dlm's own checkpoints: the one beside it (or `tokenizer`), with
+    dlm's special roles. Published ones: `tokenizer`, else the checkpoint's own, else the
+    family's (GPT-2 for the OpenWebText DiTs), taken as it is, with the model config's special
+    ids attached for the data pipeline (never re-added)."""
     from dlm.families import family_of
     from dlm.tokenizer import load_tokenizer, use_model_ids
 
@@ -265,30 +269,33 @@ def load_tokenizer_for(path_or_id: str, model_config=None):
     if model_config is None:
         model_config = published_config(path)
         if model_config is None:
-            return load_tokenizer(path)
+            return load_tokenizer(tokenizer or path)
     fam = family_of(model_config)
     if fam.format is None:
-        return load_tokenizer(path)
-    return use_model_ids(_published_tokenizer(path), model_config)
+        return load_tokenizer(tokenizer or path)
+    src = tokenizer or (path if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES) else fam.tokenizer)
+    if src is None:
+        raise DLMError(f"{path} has no tokenizer files; pass --tokenizer (the tokenizer the model was trained with)")
+    return use_model_ids(_published_tokenizer(src), model_config)
 
 
-def _published_tokenizer(path: str):
+def _published_tokenizer(src: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     # never the checkpoint's own code (its config's auto_map): the fast tokenizer from
     # tokenizer.json, or a Qwen2 BPE from vocab.json + merges.txt (Dream's slow custom class
-    # reads the same files), else AutoTokenizer without remote code
+    # reads the same files), else AutoTokenizer without remote code (also for a hub id)
     try:
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            return PreTrainedTokenizerFast.from_pretrained(path)
-        if all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
+        if os.path.isfile(os.path.join(src, "tokenizer.json")):
+            return PreTrainedTokenizerFast.from_pretrained(src)
+        if all(os.path.isfile(os.path.join(src, f)) for f in ("vocab.json", "merges.txt")):
             from transformers import Qwen2TokenizerFast
 
-            return Qwen2TokenizerFast.from_pretrained(path)
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            return Qwen2TokenizerFast.from_pretrained(src)
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=False)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DLMError(f"could not load the tokenizer beside {path} ({first}); pass --tokenizer") from None
+        raise DLMError(f"could not load the tokenizer {src} ({first}); pass --tokenizer") from None
 
 
 def save_model(model, out_dir: str, state_dict: Optional[dict] = None) -> str:

@@ -61,7 +61,7 @@ class DLMEvalModel(LM):
         super().__init__()
         from dlm.loading import load_tokenizer_for
         from dlm.model import load_model
-        from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
+        from dlm.tokenizer import check_tokenizer_for_model
 
         if not pretrained:
             raise DLMError("model_args needs pretrained=DIR (a model directory written by `dlm train`, a published "
@@ -69,8 +69,8 @@ class DLMEvalModel(LM):
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_model(pretrained).to(dev).eval()
         own = family_of(self.model.config).format is None
-        self.tok = load_tokenizer(tokenizer) if tokenizer else load_tokenizer_for(pretrained, self.model.config)
-        check_tokenizer_for_model(self.tok, self.model.config, roles=own or bool(tokenizer))
+        self.tok = load_tokenizer_for(pretrained, self.model.config, tokenizer=tokenizer)
+        check_tokenizer_for_model(self.tok, self.model.config, roles=own)
         self.cfg = self.model.config
         self.device_ = dev
         self.batch_size_ = int(batch_size) if str(batch_size) != "auto" else 8

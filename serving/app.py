@@ -83,10 +83,10 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
         dev = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_model(settings.model_dir).to(dev).eval()  # dlm's own classes: never remote code
     own = family_of(model.config).format is None
-    if tokenizer is None and (settings.tokenizer or own):
+    if tokenizer is None and own:
         tokenizer = load_tokenizer(settings.tokenizer or settings.model_dir, trust_remote_code=settings.trust_remote_code)
-    elif tokenizer is None:  # a published model's own tokenizer, as it is
-        tokenizer = load_tokenizer_for(settings.model_dir, model.config)
+    elif tokenizer is None:  # a published model's tokenizer, as it is
+        tokenizer = load_tokenizer_for(settings.model_dir, model.config, tokenizer=settings.tokenizer)
     check_tokenizer_for_model(tokenizer, model.config, roles=own)
     svc = Service(settings, model, tokenizer)
     holder: dict = {}

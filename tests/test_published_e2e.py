@@ -113,3 +113,17 @@ def test_fine_tuning_under_zero3_saves_the_family_format(ckpt, family, small_cor
     assert changed  # the step moved the weights
     metrics = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m and m["loss"] > 0 for m in metrics)
+
+
+def test_a_dit_checkpoint_without_a_tokenizer_takes_tokenizer(ckpt):
+    """The OpenWebText DiTs ship no tokenizer (GPT-2's is theirs): --tokenizer gives one, taken
+    as it is (no roles added), with the checkpoint's special ids."""
+    import os
+
+    dit = os.path.join(os.path.dirname(__file__), "golden", "dit", "bd3lm")
+    r = subprocess.run([sys.executable, "-m", "dlm.cli", "generate", dit, "--tokenizer", str(ckpt["llada"]),
+                        "--prompt", "abc", "--max-new-tokens", "8", "--threads", "1"],
+                       capture_output=True, text=True, env=child_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["finish_reason"] in ("stop", "length") and out["nfe"] >= 1

@@ -92,15 +92,14 @@ class Trainer:
                                "keep them as they were, or start a new --output-dir")
 
     def setup_tokenizer(self):
-        from dlm.tokenizer import check_tokenizer, load_tokenizer, train_tokenizer, use_model_ids
+        from dlm.tokenizer import check_tokenizer, load_tokenizer, train_tokenizer
 
         cfg = self.cfg
         tok_dir = os.path.join(self.out, "tokenizer")
         if self.published is not None:  # fine-tuning a published model: its own tokenizer and ids
             from dlm.loading import load_tokenizer_for
 
-            tok = use_model_ids(load_tokenizer(cfg.tokenizer), self.published) if cfg.tokenizer else \
-                load_tokenizer_for(cfg.init_from, self.published)
+            tok = load_tokenizer_for(cfg.init_from, self.published, tokenizer=cfg.tokenizer)
             if self.dist.is_main:
                 tok.save_pretrained(tok_dir)
             return tok

@@ -58,15 +58,12 @@ def _model_and_tokenizer(args):
     from dlm.families import family_of
     from dlm.loading import load_tokenizer_for
     from dlm.model import load_model
-    from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
+    from dlm.tokenizer import check_tokenizer_for_model
 
     model = load_model(args.model).to(_device(args.device)).eval()
-    if args.tokenizer:
-        tok = load_tokenizer(args.tokenizer)
-        check_tokenizer_for_model(tok, model.config)
-    else:  # the tokenizer beside the model (a published family's own, as it is)
-        tok = load_tokenizer_for(args.model, model.config)
-        check_tokenizer_for_model(tok, model.config, roles=family_of(model.config).format is None)
+    # the tokenizer beside the model or --tokenizer (a published family's taken as it is)
+    tok = load_tokenizer_for(args.model, model.config, tokenizer=args.tokenizer)
+    check_tokenizer_for_model(tok, model.config, roles=family_of(model.config).format is None)
     return model, tok
 
 
