@@ -187,8 +187,6 @@ def weight_files(path: str) -> dict[str, list[str]]:
 
 
 def _load_published(path: str, raw: dict, fam: Family, dtype):
-    from safetensors import safe_open
-
     from dlm.formats import format_of
     from dlm.model import DLMConfig, DLMModel
 
@@ -203,25 +201,25 @@ def _load_published(path: str, raw: dict, fam: Family, dtype):
     filled: set[str] = set()
     for fname, _ in weight_files(path).items():
         try:
-            with safe_open(fname, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    ours = names.get(key)
-                    if ours is None:
-                        if IGNORED.search(key) or key in ignored:
-                            continue
-                        raise DLMError(f"{os.path.basename(fname)} holds tensor {key!r}, which a {fam.name} checkpoint "
-                                       f"with this config does not have; the config and the weights disagree")
-                    t = f.get_tensor(key)
-                    if convert is not None:
-                        t = convert(key, t, cfg)
-                    parts = ours if isinstance(ours, tuple) else (ours,)
-                    want = (sum(params[n].shape[0] for n in parts), *params[parts[0]].shape[1:])
-                    if tuple(t.shape) != want:
-                        raise DLMError(f"tensor {key!r} has shape {tuple(t.shape)}, the config implies {want}; the "
-                                       "config and the weights disagree")
-                    for n, piece in zip(parts, t.split([params[n].shape[0] for n in parts]) if len(parts) > 1 else (t,)):
-                        _put(model, n, (piece if dtype is None else piece.to(dtype)).contiguous())
-                        filled.add(n)
+            for key, read in read_safetensors(fname):
+                ours = names.get(key)
+                if ours is None:
+                    if IGNORED.search(key) or key in ignored:
+                        continue
+                    raise DLMError(f"{os.path.basename(fname)} holds tensor {key!r}, which a {fam.name} checkpoint "
+                                   f"with this config does not have; the config and the weights disagree")
+                t = read()
+                if convert is not None:
+                    t = convert(key, t, cfg)
+                parts = ours if isinstance(ours, tuple) else (ours,)
+                want = (sum(params[n].shape[0] for n in parts), *params[parts[0]].shape[1:])
+                if tuple(t.shape) != want:
+                    raise DLMError(f"tensor {key!r} has shape {tuple(t.shape)}, the config implies {want}; the "
+                                   "config and the weights disagree")
+                pieces = t.split([params[n].shape[0] for n in parts]) if len(parts) > 1 else (t,)
+                for n, piece in zip(parts, pieces):
+                    _put(model, n, (piece if dtype is None else piece.to(dtype)).contiguous())
+                    filled.add(n)
         except DLMError:
             raise
         except Exception as e:  # a truncated or corrupt shard
@@ -235,6 +233,40 @@ def _load_published(path: str, raw: dict, fam: Family, dtype):
         model.lm_head.weight = model.embed_tokens.weight
     model.source_config = raw  # the checkpoint's own config.json, to save back in its format
     return model
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(fname: str):
+    """(name, read) for every tensor of a safetensors file; read() returns the tensor, read with
+    plain file reads straight into its own memory (no memory map, no second copy: peak memory is
+    what is kept plus one tensor)."""
+    with open(fname, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        base = 8 + n
+        header.pop("__metadata__", None)
+        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if meta["dtype"] not in SAFETENSORS_DTYPES:
+                raise DLMError(f"{fname}: tensor {name} has dtype {meta['dtype']}, which dlm does not read")
+
+            def read(meta=meta):
+                t = torch.empty(meta["shape"], dtype=SAFETENSORS_DTYPES[meta["dtype"]])
+                lo, hi = meta["data_offsets"]
+                if t.numel() * t.element_size() != hi - lo:
+                    raise DLMError(f"{fname}: tensor {name} has {hi - lo} bytes for shape {meta['shape']}")
+                f.seek(base + lo)
+                if hi > lo:
+                    view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.dim() else \
+                        memoryview(t.reshape(1).view(torch.uint8).numpy())
+                    if f.readinto(view) != hi - lo:
+                        raise DLMError(f"{fname} is truncated (tensor {name}); re-download the checkpoint")
+                return t
+
+            yield name, read
 
 
 def _put(model, name: str, t: torch.Tensor) -> None:

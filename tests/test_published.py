@@ -240,3 +240,41 @@ def test_dit_saves_back_in_its_format(kind, tmp_path):
         assert set(a.keys()) - ignored == set(b.keys())
         for k in b.keys():  # the fused q|k|v and the adaLN gates come back as they were
             torch.testing.assert_close(b.get_tensor(k), a.get_tensor(k))
+
+
+def test_safetensors_reader_equals_the_library_and_refuses_truncation(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dlm.loading import read_safetensors
+
+    t = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7), "c": torch.tensor(2.5),
+         "d": torch.randn(2, 2, 2, dtype=torch.float16), "e": torch.zeros(0, 4)}
+    f = str(tmp_path / "x.safetensors")
+    save_file(t, f)
+    got = {k: read() for k, read in read_safetensors(f)}
+    ref = load_file(f)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    with open(f, "r+b") as fh:
+        fh.truncate(len(open(f, "rb").read()) - 4)
+    with pytest.raises(DLMError, match="truncated"):
+        for _, read in read_safetensors(f):
+            read()
+
+
+def test_real_shapes_have_the_published_parameter_counts():
+    """The named real shapes (for --random-init and bench load) give the published models'
+    parameter counts: their safetensors index total_size / 2 (bf16)."""
+    from dlm.formats import detect, format_of
+    from dlm.formats.shapes import shape_config
+    from dlm.model import DLMConfig, DLMModel
+
+    published = {"llada-8b": 16_031_162_368 // 2, "dream-7b": 15_231_233_024 // 2, "sdar-4b": 8_822_848_512 // 2}
+    for name, want in published.items():
+        raw = shape_config(name)
+        fam = detect(raw)
+        with torch.device("meta"):
+            model = DLMModel(DLMConfig(**format_of(fam).config(fam, raw)))
+        assert sum(p.numel() for p in model.parameters()) == want, name
+    assert shape_config("llada-8b", layers=2)["n_layers"] == 2

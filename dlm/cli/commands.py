@@ -288,6 +288,7 @@ cmd_bench_decode = _module_main("dlm.evals.bench_decode")
 cmd_bench_serve = _module_main("dlm.evals.bench_serve")
 cmd_bench_constrained = _module_main("dlm.evals.bench_constrained")
 cmd_bench_schemas = _module_main("dlm.evals.bench_schemas")
+cmd_bench_load = _module_main("dlm.evals.bench_load")
 
 
 def cmd_quickstart(args) -> None:

@@ -12,6 +12,7 @@ import typing
 from dlm.cli.commands import (
     cmd_bench_constrained,
     cmd_bench_decode,
+    cmd_bench_load,
     cmd_bench_schemas,
     cmd_bench_serve,
     cmd_bench_train,
@@ -318,8 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
     bj.add_argument("--tokenizer")
     bj.add_argument("--out", default="runs/bench/jsonschemabench.json", help="(default: %(default)s)")
     bj.set_defaults(func=cmd_bench_schemas)
+    bl = b.add_parser("load", help="peak memory of loading a published checkpoint at real width (random weights)",
+                      description="Write a random checkpoint of a named real shape in its family's format "
+                                  "(sharded safetensors, --dtype), load it with dlm.load_model in a fresh process "
+                                  "and report the peak resident memory against the checkpoint's size.")
+    bl.add_argument("--shape", default="llada-8b", choices=list(_shapes()), help="the published model's shape")
+    bl.add_argument("--layers", type=int, help="fewer layers at full width (default: all of the real model's)")
+    bl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    bl.add_argument("--shard-gb", type=float, default=2.0, help="shard size, GiB")
+    bl.add_argument("--dir", help="where to write the checkpoint (default: beside --out)")
+    bl.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    bl.add_argument("--out", default="runs/bench/load_rss.json",
+                    help="JSON output (the committed results live in evals/results/)")
+    bl.set_defaults(func=cmd_bench_load)
     _finish_parsers(p)
     return p
+
+
+def _shapes():
+    from dlm.formats.shapes import SHAPES
+
+    return SHAPES
 
 
 # Subcommands that run a model: they take --threads.
