@@ -103,7 +103,7 @@ def run_diffusion(model, tok, examples, length: int, overrides: dict, block_leng
     t0 = time.perf_counter()
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        ids = [tok.encode(e.prompt, add_special_tokens=False) for e in chunk]
+        ids = [dec.family.encode(tok, e.prompt) for e in chunk]
         res = dec.generate(ids, DecodeConfig(max_new_tokens=length, **cfg))
         for r in res:
             preds.append(tok.decode(r.tokens, skip_special_tokens=True))
@@ -168,13 +168,20 @@ def run_vllm(vllm_python: str, ar_model: str, tok, examples, length: int, repeat
 
 
 def main(args) -> dict:
+    from dlm.errors import DLMError
+    from dlm.loading import load_tokenizer_for
     from dlm.model import load_model
     from dlm.tasks import score_predictions
-    from dlm.tokenizer import load_tokenizer
 
+    if getattr(args, "random_init", None):
+        from dlm.evals.bench_shapes import main as shapes_main
+
+        return shapes_main(args)
+    if not args.model:
+        raise DLMError("give a model directory, or --random-init SHAPE for a published model's shape")
     torch.manual_seed(0)
     model = load_model(args.model).eval()
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer_for(args.model, model.config)
     examples = _prompts(args.n_prompts, args.seed, getattr(args, "split", "test"))
     is_block = family_of(model.config).block_causal
     extra = {**_gap_configs(getattr(args, "early_commit_gaps", None), is_block),
@@ -184,8 +191,6 @@ def main(args) -> dict:
     names += [n for n in extra if n not in names]
     unknown = [c for c in names if c not in table]
     if unknown:
-        from dlm.errors import DLMError
-
         raise DLMError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     llama = None
     if args.ar_model:

@@ -278,3 +278,20 @@ def test_real_shapes_have_the_published_parameter_counts():
             model = DLMModel(DLMConfig(**format_of(fam).config(fam, raw)))
         assert sum(p.numel() for p in model.parameters()) == want, name
     assert shape_config("llada-8b", layers=2)["n_layers"] == 2
+
+
+def test_random_init_decode_bench_at_a_real_width(tmp_path):
+    """bench decode --random-init: a published shape (one layer of MDLM-OWT's width, its real
+    50,258-token vocabulary) decodes with every cache at fixed tokens per step."""
+    from types import SimpleNamespace
+
+    from dlm.evals.bench_shapes import main
+
+    args = SimpleNamespace(random_init="mdlm-owt", layers=1, dtype="float32", device="cpu", lengths="16",
+                           tokens_per_step=4, block_length=8, batch_size=2, prompt_len=8, repeats=1, seed=0,
+                           out=str(tmp_path / "r.json"))
+    report = main(args)
+    rows = {r["cache"]: r for r in report["results"]}
+    assert set(rows) == {"none", "prefix", "dual"} and report["parameters"] > 50e6
+    assert all(r["forwards"] == 4 for r in rows.values())  # 16 tokens at 4 per step
+    assert "random weights" in report["note"]

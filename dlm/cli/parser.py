@@ -244,7 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   "tokens/s (generated tokens up to EOS), NFE, tokens per forward and accuracy for "
                                   "each decoder configuration, the vanilla decoder and an AR model of the same size "
                                   "through HF generate. Warm-up, then timed rounds; ratios from one run.")
-    bd.add_argument("model", help="diffusion model directory")
+    bd.add_argument("model", nargs="?", help="diffusion model directory (or --random-init SHAPE)")
+    bd.add_argument("--random-init", metavar="SHAPE", choices=list(_shapes()),
+                    help="instead of a model: a published model's real shape with random weights (speed per cache "
+                         "mode at --tokens-per-step; no accuracy)")
+    bd.add_argument("--layers", type=int, help="--random-init: fewer layers at full width")
+    bd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="--random-init: weights and activations")
+    bd.add_argument("--device", help="--random-init: cuda / cpu (default: cuda when there is one)")
+    bd.add_argument("--tokens-per-step", type=int, default=4, help="--random-init: tokens committed per step")
+    bd.add_argument("--prompt-len", type=int, default=64, help="--random-init: prompt tokens")
     bd.add_argument("--ar-model", help="AR model directory (same size, same data) for the HF generate baseline")
     bd.add_argument("--lengths", default="256", help="comma-separated generation lengths")
     bd.add_argument("--configs", help="comma-separated subset of the configurations (default: all)")
