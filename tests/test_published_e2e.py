@@ -127,3 +127,13 @@ def test_a_dit_checkpoint_without_a_tokenizer_takes_tokenizer(ckpt):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["finish_reason"] in ("stop", "length") and out["nfe"] >= 1
+
+
+@pytest.mark.parametrize("family", ["dream", "sdar"])
+def test_ppl_of_a_published_model(ckpt, family, small_corpus):
+    r = subprocess.run([sys.executable, "-m", "dlm.cli", "ppl", str(ckpt[family]), "--data", small_corpus,
+                        "--seq-len", "32", "--mc-samples", "2", "--max-batches", "1", "--batch-size", "2",
+                        "--threads", "1"], capture_output=True, text=True, env=child_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["bound"] and res["ppl"] > 1 and res["tokens"] > 0 and res["ppl_low"] <= res["ppl"] <= res["ppl_high"]
