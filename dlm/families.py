@@ -108,7 +108,7 @@ FAMILIES: dict[str, Family] = {
         Family("fast_dllm_v2", "Fast-dLLM v2 (Wu et al. 2025): Efficient-Large-Model/Fast_dLLM_v2_1.5B / _7B",
                "bd3lm", block_causal=True, caches=("none", "exact"), default_cache="exact", backbone="fast_dllm_v2",
                format="qwen", model_type="Fast_dLLM_Qwen", logit_shift=1, prepend_bos=False, block_size=32,
-               defaults=(("unmask", "threshold"), ("threshold", 0.9))),
+               defaults=(("unmask", "threshold"), ("threshold", 0.9), ("block_length", 8))),
         Family("mdlm_owt", "MDLM on OpenWebText (Sahoo et al. 2024): kuleshov-group/mdlm-owt", "mdlm",
                caches=("none", "prefix", "dual"), backbone="dit", format="dit", model_type="mdlm",
                time_conditioning=True, tokenizer="gpt2"),

@@ -236,7 +236,7 @@ class DLMEvalModel(LM):
             for b in range(0, len(group), self.batch_size_):
                 chunk = group[b : b + self.batch_size_]
                 kw = chunk[0][4]
-                config = DecodeConfig(**kw) if self.is_ar else DecodeConfig.for_family(self.family, **kw)
+                config = DecodeConfig(**kw) if self.is_ar else DecodeConfig.for_family(self.family, self.cfg.block_size, **kw)
                 res = _generate(dec, [j[1] for j in chunk], config, [self.seed + j[0] for j in chunk])
                 outs = [r.tokens for r in res]
                 for (i, _, until, _, _), tokens in zip(chunk, outs):

@@ -66,7 +66,7 @@ class Service:
         self.name = settings.served_model_name or settings.model_dir.rstrip("/").split("/")[-1] or "dlm"
         self.family = family_of(cfg)
         self.is_ar = self.family.autoregressive
-        self.defaults = settings.defaults or DecodeConfig.for_family(self.family, cache=self.family.default_cache)
+        self.defaults = settings.defaults or DecodeConfig.for_family(self.family, cfg.block_size, cache=self.family.default_cache)
         # the AR baseline through the same scheduler: one token per request per step, exact logprobs
         self.decoder = ARDecoder(model) if self.is_ar else Decoder(model)
         self.compiler = None if self.is_ar else ConstraintCompiler(tokenizer, cfg.vocab_size, cfg.eos_token_id,

@@ -129,3 +129,40 @@ def test_family_default_decoding(models):
     assert family_of(models["sdar"].config).resolve_cache("auto") == "exact"
     res = Decoder(models["sdar"]).generate([[5, 6, 7]])  # no config: the family's
     assert res[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar", "bd3lm_owt"])
+def test_sub_blocks_decode_left_to_right_and_the_exact_cache_still_matches(models, family):
+    """block_length splits a block-causal model's blocks (Fast-dLLM v2 decodes its 32-token blocks
+    in sub-blocks of 8): commits go sub-block by sub-block, and the exact cache still gives the
+    uncached tokens."""
+    from dlm.errors import DLMError
+
+    model = models[family]
+    dec = Decoder(model)
+    seen = []
+    cfg = DecodeConfig(max_new_tokens=8, block_length=2, unmask="confidence", stop_at_eos=False)
+    outs = {}
+    for cache in ("none", "exact"):
+        outs[cache] = dec.generate([[5, 6, 7]], dataclasses.replace(cfg, cache=cache),
+                                   on_step=lambda rows, answers: seen.append(list(answers[0])))[0].tokens
+    assert outs["exact"] == outs["none"]
+    mask = model.config.mask_token_id
+    # a position is committed only once every position of the sub-blocks before it is
+    P = dec.new_request([5, 6, 7], cfg).P
+    for a in seen:
+        decided = [t != mask for t in a]
+        for i, d in enumerate(decided):
+            if d:
+                sub_start = ((P + i) // 2) * 2 - P
+                assert all(decided[: max(0, sub_start)]), (a, i)
+    with pytest.raises(DLMError, match="block_length 3"):
+        dec.new_request([5, 6, 7], dataclasses.replace(cfg, block_length=3))
+
+
+def test_fast_dllm_v2_defaults_to_sub_blocks_of_8():
+    from dlm.families import family
+
+    cfg = DecodeConfig.for_family(family("fast_dllm_v2"), 32, max_new_tokens=64)
+    assert (cfg.block_length, cfg.unmask) == (8, "threshold")
+    assert DecodeConfig.for_family(family("fast_dllm_v2"), 4).block_length == 4  # a smaller model block: fitted

@@ -151,7 +151,8 @@ def cmd_generate(args) -> None:
     if not prompts:
         raise DLMError("no prompt: pass --prompt TEXT (repeatable) or prompts on stdin, one per line")
     ids = [fam.encode(tok, p) for p in prompts]
-    cfg = from_flags(args, fam, stop=[tok.encode(s, add_special_tokens=False) for s in args.stop or []])
+    cfg = from_flags(args, fam, model.config.block_size,
+                     stop=[tok.encode(s, add_special_tokens=False) for s in args.stop or []])
     cfg = replace(cfg, cache=fam.resolve_cache(cfg.cache))
     constraint = make_constraint(regex=args.regex, json_schema=_text_or_file(args.json_schema),
                                  json_object=args.json_object, choice=args.choice, grammar=_text_or_file(args.grammar))
@@ -223,7 +224,7 @@ def cmd_serve(args) -> None:
     fam = family_of(model.config)
     # the request defaults (the flags given, else the family's); the temperature of requests
     # that send none is --temperature
-    defaults = from_flags(args, fam, temperature=0.0)
+    defaults = from_flags(args, fam, model.config.block_size, temperature=0.0)
     defaults = replace(defaults, cache=fam.resolve_cache(defaults.cache))
     limits = CompileLimits(timeout_s=args.constraint_compile_timeout, max_dfa_mb=args.constraint_max_dfa_mb,
                            cache_mb=args.constraint_cache_mb)

@@ -89,10 +89,12 @@ class DecodeConfig:
             raise OptionError("threshold", f"threshold must be in (0, 1], got {self.threshold}")
         if self.factor <= 0:
             raise OptionError("factor", f"factor must be positive, got {self.factor}")
-        if fam.block_causal:
-            if self.block_length not in (None, block_size):
-                raise OptionError("block_length", f"block_length {self.block_length}: this block model decodes in its own blocks of "
-                               f"{block_size} tokens; leave block_length out")
+        if fam.block_causal:  # sub-blocks of the model's own blocks, decoded left to right (Fast-dLLM v2)
+            b = self.block_length
+            if b is not None and (b < 1 or not block_size or block_size % b):
+                raise OptionError("block_length", f"block_length {b}: this block model decodes in its own blocks of "
+                                  f"{block_size} tokens; block_length may only split them (a divisor of {block_size}) "
+                                  "or be left out")
         elif self.block_length is not None:
             if self.block_length < 1 or self.max_new_tokens % self.block_length:
                 raise OptionError("block_length", f"block length {self.block_length} does not divide max_new_tokens "
@@ -129,10 +131,10 @@ class DecodeConfig:
         return [f for f in dataclasses.fields(cls) if f.metadata.get(where)]
 
     @classmethod
-    def for_family(cls, fam, **given) -> "DecodeConfig":
+    def for_family(cls, fam, model_block: Optional[int] = None, **given) -> "DecodeConfig":
         """The family's default decoding (dlm/families.py; e.g. threshold + dual cache for LLaDA),
-        overridden by the options `given`."""
-        return cls(**family_values(fam, given))
+        overridden by the options `given`; `model_block`: a block-causal model's block size."""
+        return cls(**family_values(fam, given, model_block))
 
     @classmethod
     def coerce(cls, name: str, value):
@@ -185,24 +187,25 @@ def cli_flags(parser, group_title: str = "decoding", exclude: Sequence[str] = ()
                            help=text)
 
 
-def family_values(fam, given: dict) -> dict:
+def family_values(fam, given: dict, model_block: Optional[int] = None) -> dict:
     """The options `given`, completed with the family's defaults. A default block length that
-    does not divide max_new_tokens becomes the largest one below it that does."""
+    does not divide what it splits (max_new_tokens; a block-causal model's blocks) becomes the
+    largest one below it that does."""
     values = {**dict(fam.defaults), **given}
-    if "block_length" not in given and values.get("block_length"):
-        n = values.get("max_new_tokens", DecodeConfig.max_new_tokens)
-        b = values["block_length"]
-        if n % b:
+    b = values.get("block_length")
+    if "block_length" not in given and b:
+        n = model_block if fam.block_causal else values.get("max_new_tokens", DecodeConfig.max_new_tokens)
+        if n and n % b:
             values["block_length"] = max(d for d in range(1, min(b, n) + 1) if n % d == 0)
     return values
 
 
-def from_flags(args, family=None, **overrides) -> DecodeConfig:
+def from_flags(args, family=None, model_block: Optional[int] = None, **overrides) -> DecodeConfig:
     """A DecodeConfig from parsed flags (those cli_flags added): the flags given, then the model
     family's defaults (if `family`), then DecodeConfig's; `overrides` win over all."""
     given = {f.name: getattr(args, f.name) for f in DecodeConfig.options("cli") if hasattr(args, f.name)}
     given.update(overrides)
-    return DecodeConfig(**(family_values(family, given) if family is not None else given))
+    return DecodeConfig(**(family_values(family, given, model_block) if family is not None else given))
 
 
 def server_fields() -> dict:

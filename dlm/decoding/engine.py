@@ -69,7 +69,7 @@ class Decoder:
         constrains request i's output to a regular or context-free language. A request that fails
         while decoding fails alone (the others finish); with `raise_errors` its error is then
         raised, else its result has finish_reason "error" and `.error`."""
-        config = config or DecodeConfig.for_family(self.family)
+        config = config or DecodeConfig.for_family(self.family, self.cfg.block_size)
         if not prompts:
             return []
         if constraints is not None and len(constraints) != len(prompts):

@@ -75,8 +75,8 @@ class DecodeRequest:
         prefix = decoder.family.prefix(self.prompt, cfg.bos_token_id)  # BOS + prompt (dlm's own models)
         P = len(prefix)
         total = decoder.family.canvas_length(P, N, cfg.block_size)
-        if decoder.family.block_causal:
-            bs = cfg.block_size
+        if decoder.family.block_causal:  # the model's blocks, or sub-blocks of them (block_length)
+            bs = config.block_length or cfg.block_size
             self.blocks = [(max(P, b * bs), (b + 1) * bs) for b in range(P // bs, total // bs)]
         else:
             bs = config.block_length or N
