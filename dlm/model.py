@@ -28,12 +28,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+import transformers
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from dlm.errors import DLMError
 from dlm.families import OBJECTIVES  # noqa: F401  (re-exported)
 from dlm.presets import PRESETS  # noqa: F401  (named sizes; re-exported)
+
+
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 class DLMConfig(PretrainedConfig):
@@ -466,8 +470,7 @@ class DLMModel(DLMPreTrainedModel):
 
     # lm_head shares the embedding matrix when config.tie_word_embeddings (transformers 5 maps
     # the tied name to its source; 4.x lists it)
-    _tied_weights_keys = ({"lm_head.weight": "embed_tokens.weight"} if int(__import__("transformers").__version__.split(".")[0]) >= 5
-                          else ["lm_head.weight"])
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"} if _TRANSFORMERS_5 else ["lm_head.weight"]
 
     def __init__(self, config: DLMConfig):
         super().__init__(config)
