@@ -2,7 +2,7 @@
 
 Library layout (the README's Layout section has every file):
   families.py    what differs between model kinds (block-causal, caches, objective), in one place
-  model.py       the transformer backbone (HF PreTrainedModel); presets.py its sizes
+  model.py       the transformer backbone (HF PreTrainedModel); layers.py its layers; presets.py sizes
   loading.py     load_model / save_model: dlm checkpoints and published families, dirs or hub ids
   formats/       the published families' config and tensor names (LLaDA, Dream, SDAR, ...)
   noise.py       the noise schedule (built from the model config) and the masking process
