@@ -10,6 +10,10 @@ Optional time conditioning (MDLM's DiT-style adaLN): a sinusoidal embedding of t
 sigma modulates each block's norms. It is off by default, as in the MDLM reference, and RADD
 never uses it (its network is time-independent by construction).
 
+The same class runs the published families (dlm/formats/): grouped-query attention, explicit
+head sizes, q/k/v biases, per-head q/k norms, tied heads, logits one position late (shifted
+back here), block-causal default attention, and the DiT's LayerNorm, GELU MLP and output bias.
+
     from dlm.model import DLMConfig, DLMModel
     model = DLMModel(DLMConfig.from_preset("tiny", vocab_size=4096))
     logits = model(input_ids).logits            # bidirectional
@@ -26,8 +30,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 import transformers
+from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
