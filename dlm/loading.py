@@ -286,6 +286,15 @@ def published_config(path_or_id: str):
     return None if fam.format is None else DLMConfig(**format_of(fam).config(fam, raw, where=path))
 
 
+def load_config(path_or_id: str):
+    """The DLMConfig of any checkpoint dlm runs (dlm's own or a published family), without
+    loading its weights."""
+    from dlm.model import DLMConfig
+
+    path = resolve(path_or_id)
+    return published_config(path) or DLMConfig.from_pretrained(path)
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 

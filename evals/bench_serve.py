@@ -142,9 +142,9 @@ def main(args) -> None:
     serve_args = args.serve_args
     if serve_args is None:
         from dlm.families import family_of
-        from dlm.model import DLMConfig
+        from dlm.loading import load_config
 
-        block = family_of(DLMConfig.from_pretrained(args.model)).block_causal
+        block = family_of(load_config(args.model)).block_causal
         serve_args = "--unmask threshold --cache exact" if block else "--unmask threshold --cache dual --block-length 16"
     cmd = [sys.executable, "-m", "dlm.cli", "serve", args.model, "--port", str(port), "--max-batch", str(max(levels)),
            "--max-queue", str(4 * max(levels) + 16), "--max-tokens-limit", str(args.max_tokens),

@@ -2,10 +2,10 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /tokenizer_info,
 POST /tokenize, POST /detokenize, GET /health, GET /metrics (Prometheus). A route checks the
-body (serving/handlers.py), compiles its constraint and sets up its jobs in worker threads (the
-event loop never waits on a compile or a grammar search), hands the jobs to the scheduler
-(serving/scheduler.py), which batches the denoising steps of all live requests, and streams or
-returns the results.
+body (serving/handlers.py), hands its jobs to the engine (serving/engine.py: by default a
+process of its own, which compiles the constraint and sets the jobs up in worker threads, and
+whose scheduler batches the denoising steps of all live requests), and streams or returns the
+results. The front end holds the tokenizer and the model's config, never its weights.
 
 Errors use the OpenAI body {"error": {"message", "type", "param", "code"}}: bad input is a 400
 (never a 500), a full queue a 429 with Retry-After, a missing or wrong API key a 401; a request
@@ -30,6 +30,7 @@ from dlm.decoding.config import DecodeConfig
 from dlm.decoding.state import DecodeResult
 from dlm.errors import DLMError
 
+from .engine import EngineSpec, LocalEngine, ProcessEngine, build_core, load_server_tokenizer
 from .handlers import Plan, Service
 from .metrics import Metrics
 from .protocol import (
@@ -40,7 +41,7 @@ from .protocol import (
     TokenizeRequest,
     error_body,
 )
-from .scheduler import Job, QueueFull, Scheduler
+from .scheduler import EngineUnavailable, Job, JobTimeout
 
 
 @dataclass
@@ -61,6 +62,14 @@ class ServerSettings:
     default_max_tokens: int = 16
     compile_limits: object = None  # dlm.constraints.CompileLimits (flags --constraint-*)
     compile_workers: int = 4  # threads that compile constraints and set up jobs
+    engine: str = "process"  # "process": the engine in a process of its own; "thread": in this one
+    threads: Optional[int] = None  # torch threads of the engine process (default: this process's)
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec(model_dir=self.model_dir, device=self.device, tokenizer=self.tokenizer,
+                          trust_remote_code=self.trust_remote_code, max_batch=self.max_batch, max_queue=self.max_queue,
+                          compile_limits=self.compile_limits, compile_workers=self.compile_workers,
+                          threads=self.threads)
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -69,40 +78,34 @@ def _error_response(e: APIError) -> JSONResponse:
 
 def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
     """Build the app. `model` / `tokenizer` may be passed in (tests, or a caller that loaded
-    them already); else they are loaded from settings."""
+    them already): the engine then runs in this process. Else settings.engine says where: in a
+    process of its own ("process", which loads the model there) or in this one ("thread")."""
     import weakref
 
-    import torch
+    from dlm.errors import DLMError as _DLMError
 
-    from dlm.families import family_of
-    from dlm.loading import load_tokenizer_for
-    from dlm.model import load_model
-    from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
+    if settings.engine not in ("process", "thread"):
+        raise _DLMError(f"unknown engine mode {settings.engine!r}; use process or thread")
+    if model is None and settings.engine == "process":
+        from dlm.loading import load_config
 
-    if model is None:
-        dev = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_model(settings.model_dir).to(dev).eval()  # dlm's own classes: never remote code
-    own = family_of(model.config).format is None
-    if tokenizer is None and own:
-        tokenizer = load_tokenizer(settings.tokenizer or settings.model_dir, trust_remote_code=settings.trust_remote_code)
-    elif tokenizer is None:  # a published model's tokenizer, as it is
-        tokenizer = load_tokenizer_for(settings.model_dir, model.config, tokenizer=settings.tokenizer)
-    check_tokenizer_for_model(tokenizer, model.config, roles=own)
-    svc = Service(settings, model, tokenizer)
-    holder: dict = {}
-    metrics = Metrics(lambda: holder.get("scheduler"))
-    scheduler = Scheduler(svc.decoder, max_batch=settings.max_batch, max_queue=settings.max_queue, metrics=metrics)
-    holder["scheduler"] = scheduler
-    pool = ThreadPoolExecutor(max_workers=settings.compile_workers, thread_name_prefix="dlm-compile")
-    if svc.compiler is not None:
-        pool.submit(svc.compiler.warm)  # start the automaton builders off the request path
+        cfg = load_config(settings.model_dir)
+        if tokenizer is None:
+            tokenizer = load_server_tokenizer(settings.model_dir, cfg, settings.tokenizer, settings.trust_remote_code)
+        engine = ProcessEngine(settings.engine_spec())  # loads the model there; DLMError if it cannot
+    else:
+        core = build_core(settings.engine_spec(), model=model, tokenizer=tokenizer)
+        engine, cfg, tokenizer = LocalEngine(core), core.model.config, core.tokenizer
+    svc = Service(settings, cfg, tokenizer, scorer=engine.score)
+    metrics = Metrics(engine)
+    pool = ThreadPoolExecutor(max_workers=settings.compile_workers, thread_name_prefix="dlm-http")
 
     app = FastAPI(title="dlm", version="0.1.0",
                   description="OpenAI-compatible server for masked diffusion language models")
-    app.state.scheduler, app.state.settings, app.state.service = scheduler, settings, svc
+    app.state.engine, app.state.settings, app.state.service = engine, settings, svc
 
     def _close():
-        scheduler.close()
+        engine.close()
         pool.shutdown(wait=False, cancel_futures=True)
 
     weakref.finalize(app, _close)
@@ -154,28 +157,45 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
     async def _dlm_error(request: Request, exc: DLMError):
         return _error_response(svc.error_of(exc))
 
+    @app.exception_handler(EngineUnavailable)
+    async def _engine_gone(request: Request, exc: EngineUnavailable):
+        return _error_response(svc.error_of(exc))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
 
     # -------------------------------------------------------------- running jobs
+    def ended(job: Job, kind: str, value) -> None:  # in the event loop, when a job's end arrives
+        if kind == "done":
+            metrics.finished(job, value)
+        elif isinstance(value, JobTimeout):
+            metrics.cancelled()
+        else:
+            metrics.failed()
+
     async def start(plan: Plan, stream: bool) -> list[Job]:
-        """Compile the constraint, make and prepare the jobs (worker threads), then queue them."""
-        t0 = time.perf_counter()
-        compiled = await blocking(svc.compile, plan.constraint) if plan.constraint is not None else None
-        if compiled is not None:
-            metrics.compile_s.observe(time.perf_counter() - t0)
-        jobs = svc.make_jobs(plan, compiled)
-        await blocking(svc.prepare, jobs)
-        for j in jobs:
-            j.stream = stream
+        """Make the jobs and hand them to the engine, which compiles the constraint and sets
+        them up (worker threads) and queues them; its refusal is this request's error."""
+        jobs = svc.make_jobs(plan)
+        events, loop = asyncio.Queue(), asyncio.get_running_loop()
+        for i, j in enumerate(jobs):
+            j.stream, j.loop, j.events, j.index, j.on_end = stream, loop, events, i, ended
         try:
-            scheduler.submit(jobs)
-        except QueueFull:
-            raise APIError(429, "the server is at capacity; retry shortly", "rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
+            compile_s = await engine.start(jobs)
+        except Exception as e:
+            raise svc.error_of(e) from None
+        if compile_s is not None:
+            metrics.compile_s.observe(compile_s)
         return jobs
+
+    def cancel(jobs: list[Job]) -> None:
+        """The client went away (or the request failed): free the unfinished jobs' slots."""
+        for j in jobs:
+            if not j.finished:
+                metrics.cancelled()
+                engine.cancel(j)
 
     async def run_jobs(request: Request, jobs: list[Job]) -> list:
         """Wait for the jobs; a client that goes away cancels them (slots freed at the next step)."""
@@ -199,15 +219,18 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
                 elif kind == "error":
                     raise svc.error_of(value)
         finally:
-            for j in jobs:
-                if not (j.request and j.request.finished):
-                    scheduler.cancel(j)
+            cancel(jobs)
         return results
 
     # -------------------------------------------------------------- endpoints
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": svc.name, "running": scheduler.running, "queued": scheduler.queue_depth}
+        st = engine.stats()
+        if not engine.healthy:
+            return JSONResponse({"status": "unhealthy", "model": svc.name, "reason": "the engine is restarting"},
+                                status_code=503)
+        return {"status": "ok", "model": svc.name, "engine": engine.mode, "running": st["running"],
+                "queued": st["queued"]}
 
     @app.get("/metrics")
     def prometheus():
@@ -249,7 +272,7 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         plan = svc.completion_plan(body)
         if plan.score_only:  # max_tokens 0 with echo: the prompt's logprobs, nothing decoded
-            jobs = svc.make_jobs(plan, None)
+            jobs = svc.make_jobs(plan)
             return await blocking(svc.completion_body, plan, jobs, [DecodeResult([], "length", {})] * len(jobs))
         if body.stream:
             jobs = await start(plan, stream=True)
@@ -334,9 +357,7 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
                     yield f"data: {json.dumps(u)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or we are done): free the slots now
-                for j in jobs:
-                    if not (j.request and j.request.finished):
-                        scheduler.cancel(j)
+                cancel(jobs)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,13 +1,11 @@
 """Between an HTTP body and the scheduler, without HTTP: request bodies -> decoder jobs, and
 decoder results -> response bodies. Unit-testable on their own (tests/test_serving_handlers.py).
 
-    svc = Service(settings, model, tokenizer)
+    svc = Service(settings, model.config, tokenizer, scorer=engine.score)
     plan = svc.completion_plan(CompletionRequest(prompt="the cat", max_tokens=8))
-    compiled = svc.compile(plan.constraint)       # blocking: the app runs it in a worker thread
-    jobs = svc.make_jobs(plan, compiled)
-    svc.prepare(jobs)                             # blocking too (a grammar's first witness search)
-    ... the scheduler runs the jobs ...
-    body = svc.completion_body(plan, jobs, results)
+    jobs = svc.make_jobs(plan)
+    ... the engine compiles the constraint, sets the jobs up and runs them (serving/engine.py) ...
+    body = svc.completion_body(plan, jobs, results)   # blocking (logprobs): a worker thread
 
 Every method that checks input raises `APIError` (a 400 naming the field); `error_of` maps what
 a job failed with to its own response (nothing of any other request is in it).
@@ -34,7 +32,7 @@ from .protocol import (
     CompletionRequest,
     GenerationFields,
 )
-from .scheduler import InternalError, Job, JobTimeout, ShuttingDown
+from .scheduler import EngineUnavailable, InternalError, Job, JobTimeout, QueueFull, ShuttingDown
 
 
 @dataclass
@@ -46,7 +44,7 @@ class Plan:
     stops: list[str]
     n: int
     seed: Optional[int]
-    constraint: object = None  # dlm.constraints.Constraint (not compiled yet)
+    constraint: object = None  # dlm.constraints.Constraint (the engine compiles it)
     echo: bool = False
     logprobs: Optional[int] = None  # completions: top-k per token; chat: top_logprobs (0 = just the token)
     score_only: bool = False  # max_tokens 0 with echo: no decoding, prompt logprobs only
@@ -55,22 +53,15 @@ class Plan:
 
 
 class Service:
-    """The model, tokenizer, decoder and constraint compiler behind one server."""
+    """The front end's view of one served model: its config and tokenizer (no weights). Token
+    logprobs come from `scorer(ids, k, start)` (the engine's score)."""
 
-    def __init__(self, settings, model, tokenizer):
-        from dlm.constraints import ConstraintCompiler
-        from dlm.decoding import ARDecoder, Decoder
-
-        self.settings, self.model, self.tokenizer = settings, model, tokenizer
-        self.cfg = cfg = model.config
+    def __init__(self, settings, cfg, tokenizer, scorer=None):
+        self.settings, self.cfg, self.tokenizer, self.scorer = settings, cfg, tokenizer, scorer
         self.name = settings.served_model_name or settings.model_dir.rstrip("/").split("/")[-1] or "dlm"
         self.family = family_of(cfg)
         self.is_ar = self.family.autoregressive
         self.defaults = settings.defaults or DecodeConfig.for_family(self.family, cfg.block_size, cache=self.family.default_cache)
-        # the AR baseline through the same scheduler: one token per request per step, exact logprobs
-        self.decoder = ARDecoder(model) if self.is_ar else Decoder(model)
-        self.compiler = None if self.is_ar else ConstraintCompiler(tokenizer, cfg.vocab_size, cfg.eos_token_id,
-                                                                   limits=settings.compile_limits)
         self.created = int(time.time())
 
     # ---------------------------------------------------------- checks
@@ -227,29 +218,11 @@ class Service:
                                     f"model's context of {self.cfg.max_position_embeddings} positions", param="prompt",
                                code="context_length_exceeded")
 
-    def compile(self, constraint):
-        """The compiled constraint (blocking; cached; within the server's compile budgets)."""
-        if constraint is None:
-            return None
-        try:
-            return self.compiler.compile(constraint)
-        except DLMError as e:
-            raise APIError(400, str(e), param="structured_outputs", code="unsupported_constraint") from None
-
-    def make_jobs(self, plan: Plan, compiled) -> list[Job]:
+    def make_jobs(self, plan: Plan) -> list[Job]:
         base = plan.config.seed if plan.seed is None else plan.seed
         deadline = time.perf_counter() + self.settings.request_timeout
-        return [Job(prompt=p, config=plan.config, seed=(base + j) % 2**64, constraint=compiled, deadline=deadline)
-                for p in plan.prompts for j in range(plan.n)]
-
-    def prepare(self, jobs: list[Job]) -> None:
-        """Set up each job's decoder request: input checks, and a constraint's first witness (a
-        constraint no output of max_tokens satisfies is refused here). Blocking: worker thread."""
-        for j in jobs:
-            try:
-                j.request = self.decoder.new_request(j.prompt, j.config, j.seed, j.constraint)
-            except DLMError as e:
-                raise self.error_of(e) from None
+        return [Job(prompt=p, config=plan.config, seed=(base + j) % 2**64, constraint=plan.constraint,
+                    deadline=deadline) for p in plan.prompts for j in range(plan.n)]
 
     # ---------------------------------------------------------- responses
     def finish_text(self, tokens: list[int], reason: str, stops: list[str]) -> tuple[str, str]:
@@ -302,13 +275,11 @@ class Service:
         generated tokens are scored on the whole sequence; prompt tokens (echo) on the prompt
         alone, because the chain masks everything after a token and appended output would change
         their scores (what an in-process scorer computes)."""
-        from dlm.likelihood import token_top_logprobs
-
         full = self.family.prefix(ids, self.cfg.bos_token_id)  # BOS + ids for dlm's own models
         off = len(full) - len(ids)
-        lp, tops = token_top_logprobs(self.model, full, k, start=max(1, off + n_prompt))
+        lp, tops = self.scorer(full, k, max(1, off + n_prompt))
         if echo:
-            p_lp, p_tops = token_top_logprobs(self.model, full[: off + n_prompt], k)
+            p_lp, p_tops = self.scorer(full[: off + n_prompt], k, 1)
             lp[: off + n_prompt], tops[: off + n_prompt] = p_lp, p_tops
         start = off if echo else off + n_prompt
         toks = [self.tokenizer.decode([t]) for t in full[start:]]
@@ -331,11 +302,9 @@ class Service:
 
     def chat_logprobs(self, prompt: list[int], gen: list[int], k: int) -> dict:
         """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
-        from dlm.likelihood import token_top_logprobs
-
         full = self.family.prefix([*prompt, *gen], self.cfg.bos_token_id)
         first = len(full) - len(gen)
-        lp, tops = token_top_logprobs(self.model, full, max(1, k), start=max(1, first))
+        lp, tops = self.scorer(full, max(1, k), max(1, first))
 
         def entry(t: int, v: float) -> dict:
             text = self.tokenizer.decode([t])
@@ -352,8 +321,17 @@ class Service:
         """The response for what a job failed with (its own cause only)."""
         from dlm.constraints import ConstraintUnsatisfiable, ConstraintViolation
 
+        from .engine import ConstraintRefused
+
         if isinstance(exc, APIError):
             return exc
+        if isinstance(exc, QueueFull):
+            return APIError(429, "the server is at capacity; retry shortly", "rate_limit_error", code="queue_full",
+                            headers={"Retry-After": "1"})
+        if isinstance(exc, EngineUnavailable):
+            return APIError(503, str(exc), "server_error", code="engine_unavailable", headers={"Retry-After": "2"})
+        if isinstance(exc, ConstraintRefused):
+            return APIError(400, str(exc), param="structured_outputs", code="unsupported_constraint")
         if isinstance(exc, JobTimeout):
             return APIError(408, f"the request took longer than {self.settings.request_timeout} s", "timeout_error",
                             code="timeout")

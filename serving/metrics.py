@@ -1,4 +1,5 @@
-"""Prometheus metrics of the server (GET /metrics): requests, tokens, latency, the scheduler."""
+"""Prometheus metrics of the server (GET /metrics): requests, tokens, latency, the engine's
+scheduler (its `stats()`, which a process engine reports with each step)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 
 
 class Metrics:
-    def __init__(self, scheduler_ref):
+    def __init__(self, engine):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
@@ -24,15 +25,15 @@ class Metrics:
         self.tps = Gauge("dlm_tokens_per_second", "generated tokens per second over the last 10 s", registry=r)
         self.queue = Gauge("dlm_queue_depth", "jobs waiting for a slot", registry=r)
         self.running = Gauge("dlm_running_jobs", "jobs in the batch", registry=r)
-        self.queue.set_function(lambda: scheduler_ref().queue_depth if scheduler_ref() else 0)
-        self.running.set_function(lambda: scheduler_ref().running if scheduler_ref() else 0)
+        self.queue.set_function(lambda: engine.stats()["queued"])
+        self.running.set_function(lambda: engine.stats()["running"])
         self.steps = Gauge("dlm_scheduler_steps", "batched decoding steps so far", registry=r)
         self.stepped = Gauge("dlm_scheduler_stepped_jobs", "sum of batch sizes over steps (/ steps = mean batch)",
                              registry=r)
         self.step_s = Gauge("dlm_scheduler_step_seconds", "seconds spent in decoding steps", registry=r)
-        self.steps.set_function(lambda: scheduler_ref().steps if scheduler_ref() else 0)
-        self.stepped.set_function(lambda: scheduler_ref().stepped_jobs if scheduler_ref() else 0)
-        self.step_s.set_function(lambda: scheduler_ref().step_seconds if scheduler_ref() else 0)
+        self.steps.set_function(lambda: engine.stats()["steps"])
+        self.stepped.set_function(lambda: engine.stats()["stepped_jobs"])
+        self.step_s.set_function(lambda: engine.stats()["step_seconds"])
         self._recent: list[tuple[float, int]] = []
         self.tps.set_function(self._rate)
 

@@ -2,8 +2,11 @@
 
 Each HTTP request becomes one or more `Job`s (one per prompt and per choice). The scheduler
 admits queued jobs between steps (up to `max_batch` live at once), calls `Decoder.step` on the
-live ones (one network call each, batched), pushes progress (newly final tokens) to each job's
-asyncio queue, and retires finished, cancelled and timed-out jobs at once, freeing their slot.
+live ones (one network call each, batched), hands each step's events (newly final tokens, ends,
+errors) to its `sink` in one call, and retires finished, cancelled and timed-out jobs at once,
+freeing their slot. The sink is `deliver_to_loops` when the scheduler runs in the HTTP process
+(each job's asyncio queue, one wake-up per event loop per step) or the engine process's pipe
+(serving/engine.py).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ class InternalError(Exception):
     """The batched step failed outside any one request's own work."""
 
 
+class EngineUnavailable(Exception):
+    """The engine process died (the job was lost with it) or is restarting."""
+
+
 @dataclass
 class Job:
     prompt: list[int]
@@ -54,28 +61,42 @@ class Job:
     first_token: Optional[float] = None
     sent: int = 0  # final answer tokens already reported
     stream: bool = False  # post progress ("tokens") events; otherwise only the end
-
-    def post(self, kind: str, value, outbox: Optional[list] = None) -> None:
-        """Send an event to the job's HTTP handler: at once, or (with `outbox`) in the scheduler's
-        next `_flush`, which wakes each event loop once for all the events of a step."""
-        if outbox is not None:
-            outbox.append((self, kind, value))
-        elif self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
+    key: int = 0  # the job's id between the HTTP process and the engine process
+    finished: bool = False  # its end ("done" / "error") was delivered to the HTTP handler
+    on_end: Optional[object] = None  # called (job, kind, value) in the event loop when it ends (metrics)
 
 
 def _deliver(items: list) -> None:
-    """Runs in an event loop: hand a step's events to their jobs' queues."""
+    """Runs in an event loop: hand events to their jobs' queues."""
     for job, kind, value in items:
+        if kind != "tokens":
+            job.finished = True
+            if job.on_end is not None:
+                job.on_end(job, kind, value)
         job.events.put_nowait((job.index, kind, value))
 
 
+def deliver_to_loops(items: list) -> None:
+    """Send (job, kind, value) events to the jobs' event loops: one wake-up per loop for all of
+    them (waking a loop once per job per step cost a system call each, and as many wake-ups)."""
+    by_loop: dict = {}
+    for item in items:
+        loop = item[0].loop
+        if loop is not None and not loop.is_closed():
+            by_loop.setdefault(loop, []).append(item)
+    for loop, its in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, its)
+        except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+            pass
+
+
 class Scheduler:
-    def __init__(self, decoder: Decoder, max_batch: int = 32, max_queue: int = 256, metrics=None):
+    def __init__(self, decoder: Decoder, max_batch: int = 32, max_queue: int = 256, sink=deliver_to_loops):
         self.decoder = decoder
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.metrics = metrics
+        self.sink = sink  # called with each step's [(job, kind, value), ...]
         self.pending: collections.deque[Job] = collections.deque()
         self.live: list[Job] = []
         self.lock = threading.Condition()
@@ -84,6 +105,7 @@ class Scheduler:
         self.stepped_jobs = 0  # sum over steps of the batch size: stepped_jobs / steps = mean batch
         self.step_seconds = 0.0
         self.outbox: list = []  # (job, kind, value) posted during a step, sent by _flush
+        self._sizes = (0, 0)  # (queued, running) at the last _flush
         self.thread = threading.Thread(target=self._run, name="dlm-scheduler", daemon=True)
         self.thread.start()
 
@@ -92,11 +114,9 @@ class Scheduler:
         """Queue jobs (all or none). Raises QueueFull when they do not fit. Jobs come set up
         (`job.request`, from the decoder's new_request, done off the event loop by the caller);
         a job without one is set up here (DLMError on bad input)."""
-        events = asyncio.Queue()
-        for i, j in enumerate(jobs):  # bad input never reaches the batch
+        for j in jobs:  # bad input never reaches the batch
             if j.request is None:
                 j.request = self.decoder.new_request(j.prompt, j.config, j.seed, j.constraint)
-            j.loop, j.events, j.index = asyncio.get_running_loop(), events, i
         with self.lock:
             if len(self.pending) + len(self.live) + len(jobs) > self.max_queue:
                 raise QueueFull()
@@ -131,13 +151,15 @@ class Scheduler:
                 while not self.stopping and not self.pending and not self.live:
                     self.lock.wait()
                 if self.stopping:
-                    for j in list(self.pending) + self.live:
-                        j.post("error", ShuttingDown("the server is shutting down; retry"))
+                    self.outbox = [(j, "error", ShuttingDown("the server is shutting down; retry"))
+                                   for j in list(self.pending) + self.live]
+                    self._flush()
                     return
                 while self.pending and len(self.live) < self.max_batch:
                     self.live.append(self.pending.popleft())
             self._retire_cancelled()
             if not self.live:
+                self._flush()
                 continue
             t_step = time.perf_counter()
             try:  # a request's own failure finishes it with an error inside the step (the others go on)
@@ -145,8 +167,9 @@ class Scheduler:
             except Exception as e:  # a fault outside every request's own work must not kill the server
                 for j in self.live:
                     self.decoder.cancel(j.request)
-                    j.post("error", InternalError(f"decoding failed: internal error ({type(e).__name__})"))
+                    self.outbox.append((j, "error", InternalError(f"decoding failed: internal error ({type(e).__name__})")))
                 self.live = []
+                self._flush()
                 continue
             now = time.perf_counter()
             self.steps += 1
@@ -156,19 +179,15 @@ class Scheduler:
             for j in self.live:
                 r = j.request
                 if r.finished and r.result.error is not None:
-                    j.post("error", r.result.error, self.outbox)
-                    if self.metrics:
-                        self.metrics.failed()
+                    self.outbox.append((j, "error", r.result.error))
                     continue
                 if r.finished:
                     self._report_progress(j, final=True)
-                    j.post("done", r.result, self.outbox)
-                    if self.metrics:
-                        self.metrics.finished(j, r.result)
+                    self.outbox.append((j, "done", r.result))
                     continue
                 if j.deadline is not None and now > j.deadline:
                     self.decoder.cancel(r)
-                    j.post("error", JobTimeout("timeout"), self.outbox)
+                    self.outbox.append((j, "error", JobTimeout("timeout")))
                     continue
                 self._report_progress(j)
                 keep.append(j)
@@ -176,32 +195,21 @@ class Scheduler:
             self._flush()
 
     def _flush(self) -> None:
-        """One wake-up per event loop for all the events of a step (waking the loop once per
-        job per step cost the scheduler a system call each, and the loop as many wake-ups)."""
-        by_loop: dict = {}
-        for item in self.outbox:
-            loop = item[0].loop
-            if loop is not None and not loop.is_closed():
-                by_loop.setdefault(loop, []).append(item)
-        self.outbox = []
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop closed meanwhile: nobody is waiting
-                pass
+        """Hand the step's events to the sink in one call (an empty call too when the batch or
+        the queue changed size: a process engine reports its counts with each call)."""
+        items, self.outbox = self.outbox, []
+        sizes = (len(self.pending), len(self.live))
+        if items or sizes != self._sizes:
+            self._sizes = sizes
+            self.sink(items)
 
     def _retire_cancelled(self) -> None:
         with self.lock:
-            gone = [j for j in self.pending if j.cancelled]
-            for j in gone:
+            for j in [j for j in self.pending if j.cancelled]:
                 self.pending.remove(j)
         for j in [j for j in self.live if j.cancelled]:
             self.decoder.cancel(j.request)
-            gone.append(j)
         self.live = [j for j in self.live if not j.cancelled]
-        if self.metrics:
-            for _ in gone:
-                self.metrics.cancelled()
 
     def _report_progress(self, job: Job, final: bool = False) -> None:
         """Post the answer's final prefix (tokens before the first MASK) when it grew."""
@@ -219,5 +227,5 @@ class Scheduler:
                 job.first_token = time.perf_counter()
             job.sent = n
             if job.stream:
-                job.post("tokens", toks, self.outbox)
+                self.outbox.append((job, "tokens", toks))
 

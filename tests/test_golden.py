@@ -260,7 +260,7 @@ def test_golden_server_responses(served):
                     r = client.post(path, json=body)
                     got.append({"status": r.status_code, "body": _strip(r.json())})
     finally:
-        app.state.scheduler.close()
+        app.state.close()
     assert all(g["status"] == 200 for g in got), got
     _compare("server", got)
 

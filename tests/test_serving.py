@@ -192,13 +192,13 @@ def test_concurrent_requests_share_steps_and_equal_single_results(server):
     prompts = [("the cat", 3), ("a dog sat on the mat", 4), ("yes", 5), ("hello world and more", 6)] * 2
     single = [c.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=1.0, seed=s).choices[0].text
               for p, s in prompts]
-    steps_before = server.app.state.scheduler.steps
+    steps_before = server.app.state.engine.stats()["steps"]
     with ThreadPoolExecutor(8) as ex:
         together = list(ex.map(lambda ps: c.completions.create(model="tiny", prompt=ps[0], max_tokens=12,
                                                                temperature=1.0, seed=ps[1]).choices[0].text, prompts))
     assert together == single
     # eight requests of up to 12 steps each: shared forwards took far fewer than 8 x 12 steps
-    assert server.app.state.scheduler.steps - steps_before < 8 * 12
+    assert server.app.state.engine.stats()["steps"] - steps_before < 8 * 12
 
 
 def test_client_disconnect_frees_the_slot(model_dir):
@@ -209,19 +209,19 @@ def test_client_disconnect_frees_the_slot(model_dir):
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     break
-            assert s.app.state.scheduler.running == 1
+            assert s.app.state.engine.stats()["running"] == 1
         deadline = time.time() + 10
-        while s.app.state.scheduler.running and time.time() < deadline:
+        while s.app.state.engine.stats()["running"] and time.time() < deadline:
             time.sleep(0.02)
-        assert s.app.state.scheduler.running == 0
+        assert s.app.state.engine.stats()["running"] == 0
         # non-streaming: the client times out and goes away
         with pytest.raises(httpx.TimeoutException):
             httpx.post(s.url + "/v1/completions", json={"prompt": "the", "max_tokens": 120, "ignore_eos": True},
                        timeout=0.05)
         deadline = time.time() + 10
-        while s.app.state.scheduler.running and time.time() < deadline:
+        while s.app.state.engine.stats()["running"] and time.time() < deadline:
             time.sleep(0.02)
-        assert s.app.state.scheduler.running == 0
+        assert s.app.state.engine.stats()["running"] == 0
     finally:
         s.stop()
 

@@ -23,6 +23,15 @@ from dlm.decoding.config import DecodeConfig
 pytestmark = pytest.mark.slow
 
 
+def _rss(server) -> int:
+    """Resident memory of the server: the front end (this process) and its engine process."""
+    procs = [psutil.Process()]
+    pid = getattr(server.app.state.engine, "pid", None)
+    if pid is not None:
+        procs.append(psutil.Process(pid))
+    return sum(p.memory_info().rss for p in procs)
+
+
 def _request(rng: random.Random, i: int):
     """(path, body, expected status, expected choices, streaming)."""
     kind = rng.choice(["plain", "plain", "chat", "stream", "n2", "regex", "choice", "options", "bad", "bad2"])
@@ -51,7 +60,6 @@ def _request(rng: random.Random, i: int):
 
 def test_soak_2000_requests_32_clients(model_dir):  # noqa: F811
     s = Server(model_dir, max_queue=512, defaults=DecodeConfig(unmask="threshold", threshold=0.5))
-    proc = psutil.Process()
     rss = []
     lock = threading.Lock()
     try:
@@ -82,7 +90,7 @@ def test_soak_2000_requests_32_clients(model_dir):  # noqa: F811
                 if rid is not None:
                     ids.append(rid)
                 if k % 250 == 0:
-                    rss.append(proc.memory_info().rss)
+                    rss.append(_rss(s))
 
         with ThreadPoolExecutor(32) as ex:
             list(ex.map(one, range(len(plan))))
@@ -91,7 +99,7 @@ def test_soak_2000_requests_32_clients(model_dir):  # noqa: F811
         assert len(ids) == expected and len(set(ids)) == expected  # none lost, none duplicated
         # memory flat: after the warm-up quarter, growth under 64 MiB
         assert max(rss[2:]) - rss[2] < 64 * 2**20, [r // 2**20 for r in rss]
-        assert s.app.state.scheduler.running == 0 and s.app.state.scheduler.queue_depth == 0
+        assert s.app.state.engine.stats()["running"] == 0 and s.app.state.engine.stats()["queued"] == 0
     finally:
         s.stop()
 
@@ -178,7 +186,6 @@ def test_soak_with_real_world_schemas(long_model_dir):
                 sample[item["file"]] = item["schema"]
     schemas = [sample[f] for f in SOAK_SCHEMAS] + HANDMADE
     s = Server(long_model_dir, max_queue=512, max_batch=16, defaults=DecodeConfig(unmask="threshold", threshold=0.5))
-    proc = psutil.Process()
     rss, health, ids, problems, answered = [], [], [], [], [0]
     lock = threading.Lock()
     stop = threading.Event()
@@ -240,7 +247,7 @@ def test_soak_with_real_world_schemas(long_model_dir):
                 answered[0] += 1
                 ids.append(rid)
             if k % 100 == 0:
-                rss.append(proc.memory_info().rss)
+                rss.append(_rss(s))
 
     poller = threading.Thread(target=poll_health, daemon=True)
     try:
@@ -260,7 +267,7 @@ def test_soak_with_real_world_schemas(long_model_dir):
               f"{[r // 2**20 for r in rss]} MiB")
         assert len(health) > 20 and p99 < 0.1, (p99, max(health), len(health))
         assert max(rss[2:]) - rss[2] < 64 * 2**20, [r // 2**20 for r in rss]
-        assert s.app.state.scheduler.running == 0 and s.app.state.scheduler.queue_depth == 0
+        assert s.app.state.engine.stats()["running"] == 0 and s.app.state.engine.stats()["queued"] == 0
     finally:
         stop.set()
         s.stop()

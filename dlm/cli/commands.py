@@ -218,13 +218,17 @@ def cmd_serve(args) -> None:
         from dlm.serving.app import ServerSettings, create_app
     except ImportError as e:
         raise DLMError(f"dlm serve needs the serve extra ({e.name} is missing): pip install 'dlm[serve]'") from None
+    from dlm.loading import load_config
     from dlm.model import load_model
 
-    model = load_model(args.model).to(_device(args.device)).eval()  # loaded once, handed to the app
-    fam = family_of(model.config)
+    model = None
+    if args.engine == "thread":  # loaded once, handed to the app
+        model = load_model(args.model).to(_device(args.device)).eval()
+    config = model.config if model is not None else load_config(args.model)  # the engine process loads the weights
+    fam = family_of(config)
     # the request defaults (the flags given, else the family's); the temperature of requests
     # that send none is --temperature
-    defaults = from_flags(args, fam, model.config.block_size, temperature=0.0)
+    defaults = from_flags(args, fam, config.block_size, temperature=0.0)
     defaults = replace(defaults, cache=fam.resolve_cache(defaults.cache))
     limits = CompileLimits(timeout_s=args.constraint_compile_timeout, max_dfa_mb=args.constraint_max_dfa_mb,
                            cache_mb=args.constraint_cache_mb)
@@ -234,7 +238,7 @@ def cmd_serve(args) -> None:
                               max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
                               trust_remote_code=args.trust_remote_code, defaults=defaults,
                               default_temperature=args.temperature, default_max_tokens=args.max_tokens,
-                              compile_limits=limits)
+                              compile_limits=limits, engine=args.engine)
     app = create_app(settings, model=model)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"dlm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)

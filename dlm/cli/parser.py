@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cancelled")
     sv.add_argument("--max-tokens", type=int, default=16, help="default max_tokens (OpenAI's default is 16)")
     sv.add_argument("--trust-remote-code", action="store_true", help="allow custom code in the tokenizer directory")
+    sv.add_argument("--engine", choices=("process", "thread"), default="process",
+                    help="where the model runs: in a process of its own, apart from the HTTP front end, "
+                         "restarted if it dies (default), or in a thread of the server process")
     sc = sv.add_argument_group("structured outputs (constraint compile budgets)")
     sc.add_argument("--constraint-compile-timeout", type=float, default=1.0, metavar="S",
                     help="seconds a token automaton may take to build; past it the grammar engine takes the "

@@ -1,0 +1,427 @@
+"""The model's side of the server: the engine core (decoder, constraint compiler, scheduler),
+in its own process by default, apart from the HTTP front end.
+
+    front end (FastAPI: validate, tokenize, stream)  <--pipe-->  engine process (EngineCore)
+
+The front end never touches the model: it hands jobs to an engine through one interface,
+
+    await engine.start(jobs)        compile the constraint, set up, queue (APIError on refusal)
+    engine.cancel(job)              the client went away
+    engine.score(ids, k, start)     token logprobs (blocking: call it from a worker thread)
+    engine.stats() / .healthy / .close()
+
+and gets each job's events ("tokens" / "done" / "error") on the job's own asyncio queue.
+`ProcessEngine` runs the core in a child process (spawned, so it owns its threads and its GIL:
+the decoding loop no longer competes with the HTTP event loop) and talks to it over a
+`multiprocessing` pipe, one message per decoding step for all its events. If the child dies,
+the jobs in flight get a 503 (`EngineUnavailable`), `/health` says unhealthy and the engine is
+started again. `LocalEngine` runs the same core in the HTTP process (a model object handed to
+`create_app`, e.g. in tests, or `dlm serve --engine thread`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import pickle
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+from dlm.errors import DLMError
+
+from .scheduler import EngineUnavailable, Job, Scheduler, deliver_to_loops
+
+
+class ConstraintRefused(DLMError):
+    """The constraint could not be compiled (unsupported, or over the compile budgets)."""
+
+
+class EngineCore:
+    """Decoder + constraint compiler + scheduler over one model. `sink` receives each step's
+    [(job, kind, value), ...] (see Scheduler)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 256, compile_limits=None,
+                 compile_workers: int = 4, sink=deliver_to_loops):
+        from dlm.constraints import ConstraintCompiler
+        from dlm.decoding import ARDecoder, Decoder
+        from dlm.families import family_of
+
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        ar = family_of(cfg).autoregressive
+        # the AR baseline through the same scheduler: one token per request per step, exact logprobs
+        self.decoder = ARDecoder(model) if ar else Decoder(model)
+        self.compiler = None if ar else ConstraintCompiler(tokenizer, cfg.vocab_size, cfg.eos_token_id,
+                                                           limits=compile_limits)
+        self.scheduler = Scheduler(self.decoder, max_batch=max_batch, max_queue=max_queue, sink=sink)
+        self.pool = ThreadPoolExecutor(max_workers=compile_workers, thread_name_prefix="dlm-compile")
+        if self.compiler is not None:
+            self.pool.submit(self.compiler.warm)  # start the automaton builders off the request path
+
+    def admit(self, jobs: list[Job]) -> Optional[float]:
+        """Compile the jobs' constraint (one per request; cached), set up each job's decoder
+        request (a constraint's first witness: one no output of max_tokens satisfies is refused
+        here) and queue them, all or none. Blocking: run it in a worker thread. Returns the
+        compile time (None without a constraint); raises ConstraintRefused, DLMError, QueueFull."""
+        spec = jobs[0].constraint
+        compiled, seconds = None, None
+        if spec is not None:
+            t0 = time.perf_counter()
+            try:
+                compiled = self.compiler.compile(spec)
+            except DLMError as e:
+                raise ConstraintRefused(str(e)) from None
+            seconds = time.perf_counter() - t0
+        for j in jobs:
+            j.constraint = compiled
+            j.request = self.decoder.new_request(j.prompt, j.config, j.seed, compiled)
+        self.scheduler.submit(jobs)
+        return seconds
+
+    def score(self, ids: list[int], k: int, start: int):
+        """(logprob per token, top-k per token) of `ids` (dlm.likelihood.token_top_logprobs)."""
+        from dlm.likelihood import token_top_logprobs
+
+        return token_top_logprobs(self.model, ids, k, start=start)
+
+    def cancel(self, job: Job) -> None:
+        self.scheduler.cancel(job)
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"running": s.running, "queued": s.queue_depth, "steps": s.steps, "stepped_jobs": s.stepped_jobs,
+                "step_seconds": s.step_seconds}
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class LocalEngine:
+    """The engine core in the HTTP process (a thread steps the batch)."""
+
+    mode = "thread"
+    healthy = True
+
+    def __init__(self, core: EngineCore):
+        self.core = core
+
+    async def start(self, jobs: list[Job]) -> Optional[float]:
+        return await asyncio.get_running_loop().run_in_executor(self.core.pool, self.core.admit, jobs)
+
+    def cancel(self, job: Job) -> None:
+        self.core.cancel(job)
+
+    def score(self, ids: list[int], k: int, start: int):
+        return self.core.score(ids, k, start)
+
+    def stats(self) -> dict:
+        return self.core.stats()
+
+    def close(self) -> None:
+        self.core.close()
+
+
+@dataclass
+class EngineSpec:
+    """What an engine process needs to build itself (picklable)."""
+
+    model_dir: str
+    device: Optional[str] = None
+    tokenizer: Optional[str] = None
+    trust_remote_code: bool = False
+    max_batch: int = 32
+    max_queue: int = 256
+    compile_limits: object = None
+    compile_workers: int = 4
+    threads: Optional[int] = None  # torch threads in the engine (default: the parent's count)
+
+
+def build_core(spec: EngineSpec, sink=deliver_to_loops, model=None, tokenizer=None) -> EngineCore:
+    """Load the model (dlm's own classes, never remote code) and its tokenizer, and make the core."""
+    import torch
+
+    from dlm.families import family_of
+    from dlm.model import load_model
+    from dlm.tokenizer import check_tokenizer_for_model
+
+    if model is None:
+        dev = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_model(spec.model_dir).to(dev).eval()
+    if tokenizer is None:
+        tokenizer = load_server_tokenizer(spec.model_dir, model.config, spec.tokenizer, spec.trust_remote_code)
+    check_tokenizer_for_model(tokenizer, model.config, roles=family_of(model.config).format is None)
+    return EngineCore(model, tokenizer, max_batch=spec.max_batch, max_queue=spec.max_queue,
+                      compile_limits=spec.compile_limits, compile_workers=spec.compile_workers, sink=sink)
+
+
+def load_server_tokenizer(model_dir: str, config, tokenizer: Optional[str] = None, trust_remote_code: bool = False):
+    """dlm's own models: the tokenizer beside the model (or `tokenizer`) with dlm's roles; a
+    published model's: as it is (dlm.loading.load_tokenizer_for)."""
+    from dlm.families import family_of
+    from dlm.loading import load_tokenizer_for
+    from dlm.tokenizer import load_tokenizer
+
+    if family_of(config).format is None:
+        return load_tokenizer(tokenizer or model_dir, trust_remote_code=trust_remote_code)
+    return load_tokenizer_for(model_dir, config, tokenizer=tokenizer)
+
+
+def _portable(value):
+    """A value that crosses the pipe: an exception that does not pickle becomes a RuntimeError
+    with its text (what the front end shows of it)."""
+    if isinstance(value, BaseException):
+        try:
+            pickle.loads(pickle.dumps(value))
+        except Exception:
+            return RuntimeError(f"{type(value).__name__}: {value}")
+    return value
+
+
+def engine_main(conn, spec: EngineSpec) -> None:
+    """The engine process: build the core, then serve the front end's messages until "close"
+    or until the front end goes away (the pipe closes)."""
+    import torch
+
+    send_lock = threading.Lock()
+
+    def send(msg) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    jobs: dict[int, Job] = {}
+    try:
+        torch.set_num_threads(spec.threads or torch.get_num_threads())
+        torch.set_grad_enabled(False)
+
+        def sink(items) -> None:
+            out = []
+            for job, kind, value in items:
+                if kind != "tokens":
+                    jobs.pop(job.key, None)
+                out.append((job.key, kind, _portable(value), job.first_token))
+            send(("events", out, core.stats()))
+
+        core = build_core(spec, sink=sink)
+    except BaseException as e:  # the front end prints it and exits
+        send(("failed", f"{type(e).__name__}: {e}" if not isinstance(e, DLMError) else str(e)))
+        return
+    send(("ready", {"pid": os.getpid()}))
+
+    def admit(call: int, specs: list) -> None:
+        new = [Job(prompt=p, config=c, seed=s, constraint=con, deadline=d, stream=st, key=k)
+               for k, p, c, s, con, d, st in specs]
+        for j in new:
+            jobs[j.key] = j
+        try:
+            send(("reply", call, True, core.admit(new)))
+        except BaseException as e:
+            for j in new:
+                jobs.pop(j.key, None)
+            send(("reply", call, False, _portable(e)))
+
+    def score(call: int, ids, k, start) -> None:
+        try:
+            send(("reply", call, True, core.score(ids, k, start)))
+        except BaseException as e:
+            send(("reply", call, False, _portable(e)))
+
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # the front end is gone
+                break
+            kind = msg[0]
+            if kind == "admit":
+                core.pool.submit(admit, msg[1], msg[2])
+            elif kind == "score":
+                core.pool.submit(score, *msg[1:])
+            elif kind == "cancel":
+                job = jobs.pop(msg[1], None)
+                if job is not None:
+                    core.cancel(job)
+            elif kind == "close":
+                break
+    finally:
+        core.close()
+
+
+class ProcessEngine:
+    """The engine core in a child process, restarted when it dies."""
+
+    mode = "process"
+
+    def __init__(self, spec: EngineSpec, start_timeout: float = 900.0, restart: bool = True):
+        import multiprocessing
+
+        self.spec, self.start_timeout, self.restart = spec, start_timeout, restart
+        if spec.threads is None:
+            import torch
+
+            spec.threads = torch.get_num_threads()
+        self._ctx = multiprocessing.get_context("spawn")
+        self._keys = itertools.count(1)
+        self._jobs: dict[int, Job] = {}  # in flight in the engine
+        self._calls: dict[int, Future] = {}
+        self._lock = threading.Lock()  # sends, and the two tables above
+        self._stats = {"running": 0, "queued": 0, "steps": 0, "stepped_jobs": 0, "step_seconds": 0.0}
+        self._closing = False
+        self.healthy = False
+        self.restarts = 0
+        self.proc = self.conn = None
+        self._launch()
+
+    # ---------------------------------------------------------- the child
+    def _launch(self) -> None:
+        """Start the engine process and wait for it to load; DLMError if it cannot."""
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=engine_main, args=(child, self.spec), name="dlm-engine", daemon=True)
+        proc.start()
+        child.close()
+        deadline = time.monotonic() + self.start_timeout
+        while not parent.poll(0.2):
+            if not proc.is_alive():
+                raise DLMError(f"the engine process exited while loading {self.spec.model_dir} "
+                               f"(exit code {proc.exitcode})")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise DLMError(f"the engine process did not load {self.spec.model_dir} in {self.start_timeout:.0f} s")
+        try:
+            msg = parent.recv()
+        except EOFError:
+            msg = ("failed", f"the engine process exited while loading (exit code {proc.join(5) or proc.exitcode})")
+        if msg[0] == "failed":
+            proc.join(5)
+            raise DLMError(msg[1])
+        self.proc, self.conn = proc, parent
+        self.pid = msg[1]["pid"]
+        self.healthy = True
+        threading.Thread(target=self._read, args=(parent,), name="dlm-engine-reader", daemon=True).start()
+
+    def _read(self, conn) -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            if msg[0] == "events":
+                items = []
+                with self._lock:
+                    for key, kind, value, first in msg[1]:
+                        job = self._jobs.pop(key, None) if kind != "tokens" else self._jobs.get(key)
+                        if job is not None:
+                            if first is not None and job.first_token is None:
+                                job.first_token = first
+                            items.append((job, kind, value))
+                self._stats = msg[2]
+                deliver_to_loops(items)
+            elif msg[0] == "reply":
+                with self._lock:
+                    fut = self._calls.pop(msg[1], None)
+                if fut is not None:
+                    fut.set_result(msg[3]) if msg[2] else fut.set_exception(msg[3])
+        if conn is self.conn:
+            self._died()
+
+    def _died(self) -> None:
+        """The engine process is gone: fail everything in flight, then start a new one."""
+        self.healthy = False
+        gone = EngineUnavailable("the engine process stopped; the request was lost, retry")
+        with self._lock:
+            jobs, self._jobs = list(self._jobs.values()), {}
+            calls, self._calls = list(self._calls.values()), {}
+        deliver_to_loops([(j, "error", gone) for j in jobs])
+        for f in calls:
+            f.set_exception(gone)
+        self._stats = {**self._stats, "running": 0, "queued": 0}
+        if self._closing or not self.restart:
+            return
+        code = self.proc.exitcode if self.proc is not None else None
+        print(f"dlm serve: the engine process (pid {self.pid}) stopped (exit code {code}); restarting it",
+              file=sys.stderr, flush=True)
+        threading.Thread(target=self._relaunch, name="dlm-engine-restart", daemon=True).start()
+
+    def _relaunch(self) -> None:
+        delay = 1.0
+        while not self._closing:
+            try:
+                self._launch()
+                self.restarts += 1
+                print(f"dlm serve: the engine is back (pid {self.pid})", file=sys.stderr, flush=True)
+                return
+            except DLMError as e:
+                print(f"dlm serve: restarting the engine failed: {e}; again in {delay:.0f} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(delay)
+                delay = min(30.0, delay * 2)
+
+    def _send(self, msg) -> None:
+        try:
+            self.conn.send(msg)
+        except (OSError, ValueError, BrokenPipeError):
+            raise EngineUnavailable("the engine process is not running; retry shortly") from None
+
+    def _call(self, *msg) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if not self.healthy:
+                raise EngineUnavailable("the engine is restarting; retry shortly")
+            call = next(self._keys)
+            self._calls[call] = fut
+            try:
+                self._send((msg[0], call, *msg[1:]))
+            except EngineUnavailable:
+                self._calls.pop(call, None)
+                raise
+        return fut
+
+    # ---------------------------------------------------------- the front end's interface
+    async def start(self, jobs: list[Job]) -> Optional[float]:
+        specs = []
+        with self._lock:
+            for j in jobs:
+                j.key = next(self._keys)
+                self._jobs[j.key] = j
+                specs.append((j.key, j.prompt, j.config, j.seed, j.constraint, j.deadline, j.stream))
+        try:
+            return await asyncio.wrap_future(self._call("admit", specs))
+        except BaseException:
+            with self._lock:
+                for j in jobs:
+                    self._jobs.pop(j.key, None)
+            raise
+
+    def cancel(self, job: Job) -> None:
+        with self._lock:
+            if self._jobs.pop(job.key, None) is None:
+                return
+            try:
+                self._send(("cancel", job.key))
+            except EngineUnavailable:
+                pass
+
+    def score(self, ids: list[int], k: int, start: int):
+        return self._call("score", ids, k, start).result()
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    def close(self) -> None:
+        self._closing = True
+        self.healthy = False
+        with self._lock:
+            try:
+                self.conn.send(("close",))
+            except Exception:
+                pass
+        if self.proc is not None:
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
