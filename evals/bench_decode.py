@@ -120,7 +120,7 @@ def run_hf_generate(llama, tok, examples, length: int, batch_size: int):
     eos, bos, pad = tok.eos_token_id, tok.bos_token_id, tok.pad_token_id
     t0 = time.perf_counter()
     for ex in examples:  # batch 1: no padding effects on AR speed or output
-        ids = torch.tensor([[bos, *tok.encode(ex.prompt, add_special_tokens=False)]])
+        ids = torch.tensor([[bos, *tok.encode(ex.prompt, add_special_tokens=False)]], device=llama.device)
         out = llama.generate(ids, max_new_tokens=length, do_sample=False, eos_token_id=eos, pad_token_id=pad)
         new = out[0, ids.shape[1]:].tolist()
         if eos in new:
@@ -180,7 +180,14 @@ def main(args) -> dict:
     if not args.model:
         raise DLMError("give a model directory, or --random-init SHAPE for a published model's shape")
     torch.manual_seed(0)
-    model = load_model(args.model).eval()
+    from dlm.parallel import is_main, maybe_shard
+
+    device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = maybe_shard(load_model(args.model, device=device))  # --tensor-parallel: this rank's part
+    tp = getattr(model, "tensor_parallel", 1)
+    if tp > 1 and (args.ar_model or getattr(args, "vllm_python", None)):
+        raise DLMError("--tensor-parallel splits the diffusion model only; run the AR baselines (--ar-model, "
+                       "--vllm-python) without it")
     tok = load_tokenizer_for(args.model, model.config)
     examples = _prompts(args.n_prompts, args.seed, getattr(args, "split", "test"))
     is_block = family_of(model.config).block_causal
@@ -196,10 +203,11 @@ def main(args) -> dict:
     if args.ar_model:
         from dlm.export import to_llama
 
-        llama = to_llama(load_model(args.ar_model, expect_objective="ar")).eval()
+        llama = to_llama(load_model(args.ar_model, expect_objective="ar")).to(device).eval()
     report = {"command": "dlm bench decode " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else []), **provenance(),
               "model": args.model, "objective": model.config.objective, "ar_model": args.ar_model,
-              "n_prompts": len(examples), "split": getattr(args, "split", "test"), "device": "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+              "n_prompts": len(examples), "split": getattr(args, "split", "test"), "device": str(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}",
+              "tensor_parallel": tp,
               "results": []}
     for length in [int(x) for x in args.lengths.split(",")]:
         runs = {n: [] for n in names}
@@ -238,6 +246,8 @@ def main(args) -> dict:
                 # nothing (every answer began with EOS): no rate to compare
                 r["speedup_vs_vanilla"] = (r["tokens_per_s"] / base["tokens_per_s"]
                                            if base is not None and base["tokens_per_s"] else None)
+    if not is_main():
+        return report
     _print(report)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -289,9 +289,15 @@ def test_random_init_decode_bench_at_a_real_width(tmp_path):
 
     args = SimpleNamespace(random_init="mdlm-owt", layers=1, dtype="float32", device="cpu", lengths="16",
                            tokens_per_step=4, block_length=8, batch_size=2, prompt_len=8, repeats=1, seed=0,
-                           out=str(tmp_path / "r.json"))
+                           ar_baseline=True, out=str(tmp_path / "r.json"))
     report = main(args)
     rows = {r["cache"]: r for r in report["results"]}
-    assert set(rows) == {"none", "prefix", "dual"} and report["parameters"] > 50e6
-    assert all(r["forwards"] == 4 for r in rows.values())  # 16 tokens at 4 per step
+    assert set(rows) == {"none", "prefix", "dual", "ar-static"} and report["parameters"] > 50e6
+    assert all(rows[c]["forwards"] == 4 for c in ("none", "prefix", "dual"))  # 16 tokens at 4 per step
+    assert rows["ar-static"]["forwards"] == 16 and rows["ar-static"]["tokens_per_s"] * rows["ar-static"]["wall_s"] == \
+        pytest.approx(2 * 16)  # the AR baseline: exactly 16 new tokens per prompt, one forward each
+    for r in rows.values():  # weight bytes read per second, against the copy bandwidth measured in the run
+        assert r["weight_bytes_per_s"] == pytest.approx(report["weight_bytes"] * r["forwards"] / r["wall_s"])
+        assert 0 < r["bandwidth_fraction"] < 10
+    assert report["weight_bytes"] == 4 * report["parameters"]
     assert "random weights" in report["note"]

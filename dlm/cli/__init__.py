@@ -77,7 +77,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         set_threads(getattr(args, "threads", None))
     try:
-        args.func(args)
+        if (getattr(args, "tensor_parallel", None) or 1) > 1:
+            from dlm.cli.commands import run_tensor_parallel
+
+            run_tensor_parallel(args)
+        else:
+            args.func(args)
     except DLMError as e:
         if not getattr(e, "quiet", False):  # quiet: another rank already printed the cause
             print(f"dlm: error: {e}", file=sys.stderr)

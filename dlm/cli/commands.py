@@ -60,11 +60,31 @@ def _model_and_tokenizer(args):
     from dlm.model import load_model
     from dlm.tokenizer import check_tokenizer_for_model
 
-    model = load_model(args.model).to(_device(args.device)).eval()
+    from dlm.parallel import maybe_shard
+
+    model = maybe_shard(load_model(args.model).to(_device(args.device)).eval())  # --tensor-parallel: this rank's part
     # the tokenizer beside the model or --tokenizer (a published family's taken as it is)
     tok = load_tokenizer_for(args.model, model.config, tokenizer=args.tokenizer)
     check_tokenizer_for_model(tok, model.config, roles=family_of(model.config).format is None)
     return model, tok
+
+
+def run_tensor_parallel(args) -> None:
+    """Run the command on --tensor-parallel ranks (dlm.parallel.launch): each loads the model and
+    keeps its shard, all decode in lockstep, rank 0 prints."""
+    from dlm.parallel import launch
+
+    if args.command == "generate" and not args.prompt:  # the ranks have no stdin: read it here
+        args.prompt = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    launch(args.tensor_parallel, _rank_command, args)
+
+
+def _rank_command(args) -> None:
+    from dlm.parallel import init_rank
+
+    device, _ = init_rank(args.tensor_parallel, args.device)
+    args.device = str(device)
+    args.func(args)
 
 
 def cmd_ppl(args) -> None:
@@ -278,14 +298,17 @@ def cmd_export(args) -> None:
     print(export_llama(args.model, args.out))
 
 
-def _module_main(module: str):
-    """A subcommand that is `main(args)` of a module, imported only when it runs."""
-    def run(args) -> None:
+class _module_main:
+    """A subcommand that is `main(args)` of a module, imported only when it runs (an object, so
+    that it pickles into the ranks of --tensor-parallel)."""
+
+    def __init__(self, module: str):
+        self.module = module
+
+    def __call__(self, args) -> None:
         import importlib
 
-        importlib.import_module(module).main(args)
-
-    return run
+        importlib.import_module(self.module).main(args)
 
 
 cmd_bench_train = _module_main("dlm.training.bench")

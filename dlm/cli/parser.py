@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NFE, tokens per forward, timings.")
     g.add_argument("model", help="model directory")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable; default: one per line on stdin)")
+    _tensor_parallel_flag(g)
     cli_flags(g)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--show", action="store_true", help="show the canvas filling in on stderr (redrawn on a "
@@ -254,9 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--layers", type=int, help="--random-init: fewer layers at full width")
     bd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="--random-init: weights and activations")
-    bd.add_argument("--device", help="--random-init: cuda / cpu (default: cuda when there is one)")
+    bd.add_argument("--device", help="cuda / cpu (default: cuda when there is one)")
     bd.add_argument("--tokens-per-step", type=int, default=4, help="--random-init: tokens committed per step")
     bd.add_argument("--prompt-len", type=int, default=64, help="--random-init: prompt tokens")
+    _tensor_parallel_flag(bd)
+    bd.add_argument("--ar-baseline", action="store_true",
+                    help="--random-init: also the same-shape AR model (a transformers Llama) through HF generate "
+                         "with its static cache, greedy, every output --lengths long")
     bd.add_argument("--ar-model", help="AR model directory (same size, same data) for the HF generate baseline")
     bd.add_argument("--lengths", default="256", help="comma-separated generation lengths")
     bd.add_argument("--configs", help="comma-separated subset of the configurations (default: all)")
@@ -346,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     bl.set_defaults(func=cmd_bench_load)
     _finish_parsers(p)
     return p
+
+
+def _tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N ranks that step together (torch.distributed.tensor.parallel; "
+                        "NCCL, one GPU each, or gloo on CPU); heads, KV heads and MLP width must divide by N")
 
 
 def _shapes():
