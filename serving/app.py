@@ -63,13 +63,14 @@ class ServerSettings:
     compile_limits: object = None  # dlm.constraints.CompileLimits (flags --constraint-*)
     compile_workers: int = 4  # threads that compile constraints and set up jobs
     engine: str = "process"  # "process": the engine in a process of its own; "thread": in this one
-    threads: Optional[int] = None  # torch threads of the engine process (default: this process's)
+    threads: Optional[int] = None  # torch threads per engine rank (default: this process's / ranks)
+    tensor_parallel: int = 1  # engine ranks the model is split over (process engine only)
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(model_dir=self.model_dir, device=self.device, tokenizer=self.tokenizer,
                           trust_remote_code=self.trust_remote_code, max_batch=self.max_batch, max_queue=self.max_queue,
                           compile_limits=self.compile_limits, compile_workers=self.compile_workers,
-                          threads=self.threads)
+                          threads=self.threads, tensor_parallel=self.tensor_parallel)
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -86,10 +87,17 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
 
     if settings.engine not in ("process", "thread"):
         raise _DLMError(f"unknown engine mode {settings.engine!r}; use process or thread")
+    if settings.tensor_parallel > 1 and (model is not None or settings.engine != "process"):
+        raise _DLMError("--tensor-parallel runs the engine in processes of its own: use --engine process "
+                        "(the default) and let it load the model")
     if model is None and settings.engine == "process":
         from dlm.loading import load_config
 
         cfg = load_config(settings.model_dir)
+        if settings.tensor_parallel > 1:
+            from dlm.parallel import check_shardable
+
+            check_shardable(cfg, settings.tensor_parallel)
         if tokenizer is None:
             tokenizer = load_server_tokenizer(settings.model_dir, cfg, settings.tokenizer, settings.trust_remote_code)
         engine = ProcessEngine(settings.engine_spec())  # loads the model there; DLMError if it cannot

@@ -46,7 +46,7 @@ class EngineCore:
     [(job, kind, value), ...] (see Scheduler)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 256, compile_limits=None,
-                 compile_workers: int = 4, sink=deliver_to_loops):
+                 compile_workers: int = 4, sink=deliver_to_loops, lockstep_group=None, scheduler: bool = True):
         from dlm.constraints import ConstraintCompiler
         from dlm.decoding import ARDecoder, Decoder
         from dlm.families import family_of
@@ -56,9 +56,17 @@ class EngineCore:
         ar = family_of(cfg).autoregressive
         # the AR baseline through the same scheduler: one token per request per step, exact logprobs
         self.decoder = ARDecoder(model) if ar else Decoder(model)
+        self.lockstep = None
+        if lockstep_group is not None:  # rank 0 of a tensor-parallel engine (serving/lockstep.py)
+            from .lockstep import Lockstep
+
+            self.decoder = self.lockstep = Lockstep(self.decoder, lockstep_group)
         self.compiler = None if ar else ConstraintCompiler(tokenizer, cfg.vocab_size, cfg.eos_token_id,
                                                            limits=compile_limits)
-        self.scheduler = Scheduler(self.decoder, max_batch=max_batch, max_queue=max_queue, sink=sink)
+        self.scheduler = None
+        if scheduler:
+            self.scheduler = Scheduler(self.decoder, max_batch=max_batch, max_queue=max_queue, sink=sink,
+                                       on_fatal=_exit_engine if self.lockstep is not None else None)
         self.pool = ThreadPoolExecutor(max_workers=compile_workers, thread_name_prefix="dlm-compile")
         if self.compiler is not None:
             self.pool.submit(self.compiler.warm)  # start the automaton builders off the request path
@@ -77,16 +85,26 @@ class EngineCore:
             except DLMError as e:
                 raise ConstraintRefused(str(e)) from None
             seconds = time.perf_counter() - t0
-        for j in jobs:
-            j.constraint = compiled
-            j.request = self.decoder.new_request(j.prompt, j.config, j.seed, compiled)
-        self.scheduler.submit(jobs)
+        extra = {"spec": spec} if self.lockstep is not None else {}  # the other ranks compile it too
+        try:
+            for j in jobs:
+                j.constraint = compiled
+                j.request = self.decoder.new_request(j.prompt, j.config, j.seed, compiled, **extra)
+            self.scheduler.submit(jobs)
+        except BaseException:
+            for j in jobs:  # set up but never queued: free them (and tell the other ranks)
+                if j.request is not None:
+                    self.decoder.cancel(j.request)
+            raise
         return seconds
 
     def score(self, ids: list[int], k: int, start: int):
-        """(logprob per token, top-k per token) of `ids` (dlm.likelihood.token_top_logprobs)."""
+        """(logprob per token, top-k per token) of `ids` (dlm.likelihood.token_top_logprobs).
+        Tensor-parallel: every rank's forward, so in the scheduler's thread between steps."""
         from dlm.likelihood import token_top_logprobs
 
+        if self.lockstep is not None:
+            return self.scheduler.call(lambda: self.lockstep.score(ids, k, start)).result()
         return token_top_logprobs(self.model, ids, k, start=start)
 
     def cancel(self, job: Job) -> None:
@@ -98,8 +116,19 @@ class EngineCore:
                 "step_seconds": s.step_seconds}
 
     def close(self) -> None:
-        self.scheduler.close()
+        if self.scheduler is not None:
+            self.scheduler.close()
+        if self.lockstep is not None:
+            self.lockstep.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _exit_engine(error: BaseException) -> None:
+    """A tensor-parallel step failed: the ranks may no longer agree (one of them is gone), so the
+    engine process ends and the front end restarts every rank (the jobs in flight get a 503)."""
+    print(f"dlm serve: a tensor-parallel step failed ({type(error).__name__}: {error}); the engine stops "
+          "and is restarted", file=sys.stderr, flush=True)
+    os._exit(70)
 
 
 class LocalEngine:
@@ -139,25 +168,35 @@ class EngineSpec:
     max_queue: int = 256
     compile_limits: object = None
     compile_workers: int = 4
-    threads: Optional[int] = None  # torch threads in the engine (default: the parent's count)
+    threads: Optional[int] = None  # torch threads per rank (default: the parent's count / ranks)
+    tensor_parallel: int = 1  # ranks the model is split over (serving/lockstep.py)
 
 
-def build_core(spec: EngineSpec, sink=deliver_to_loops, model=None, tokenizer=None) -> EngineCore:
-    """Load the model (dlm's own classes, never remote code) and its tokenizer, and make the core."""
+def build_core(spec: EngineSpec, sink=deliver_to_loops, model=None, tokenizer=None, device=None,
+               scheduler: bool = True) -> EngineCore:
+    """Load the model (dlm's own classes, never remote code) and its tokenizer, and make the core.
+    In a tensor-parallel rank (dlm.parallel.init_rank done) the model is this rank's shard."""
     import torch
 
     from dlm.families import family_of
     from dlm.model import load_model
+    from dlm.parallel import maybe_shard
     from dlm.tokenizer import check_tokenizer_for_model
 
     if model is None:
-        dev = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_model(spec.model_dir).to(dev).eval()
+        dev = torch.device(device or spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = maybe_shard(load_model(spec.model_dir).to(dev).eval())
     if tokenizer is None:
         tokenizer = load_server_tokenizer(spec.model_dir, model.config, spec.tokenizer, spec.trust_remote_code)
     check_tokenizer_for_model(tokenizer, model.config, roles=family_of(model.config).format is None)
+    group = None
+    if spec.tensor_parallel > 1 and scheduler:
+        from .lockstep import _control_group
+
+        group = _control_group()
     return EngineCore(model, tokenizer, max_batch=spec.max_batch, max_queue=spec.max_queue,
-                      compile_limits=spec.compile_limits, compile_workers=spec.compile_workers, sink=sink)
+                      compile_limits=spec.compile_limits, compile_workers=spec.compile_workers, sink=sink,
+                      lockstep_group=group, scheduler=scheduler)
 
 
 def load_server_tokenizer(model_dir: str, config, tokenizer: Optional[str] = None, trust_remote_code: bool = False):
@@ -183,9 +222,9 @@ def _portable(value):
     return value
 
 
-def engine_main(conn, spec: EngineSpec) -> None:
-    """The engine process: build the core, then serve the front end's messages until "close"
-    or until the front end goes away (the pipe closes)."""
+def engine_main(conn, spec: EngineSpec, port: Optional[int] = None) -> None:
+    """The engine process (rank 0 of a tensor-parallel engine): build the core, then serve the
+    front end's messages until "close" or until the front end goes away (the pipe closes)."""
     import torch
 
     send_lock = threading.Lock()
@@ -198,6 +237,12 @@ def engine_main(conn, spec: EngineSpec) -> None:
     try:
         torch.set_num_threads(spec.threads or torch.get_num_threads())
         torch.set_grad_enabled(False)
+        device = None
+        if spec.tensor_parallel > 1:
+            from dlm.parallel import ENV_RANK, init_rank
+
+            os.environ.update({ENV_RANK: "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            device, _ = init_rank(spec.tensor_parallel, spec.device)
 
         def sink(items) -> None:
             out = []
@@ -207,7 +252,7 @@ def engine_main(conn, spec: EngineSpec) -> None:
                 out.append((job.key, kind, _portable(value), job.first_token))
             send(("events", out, core.stats()))
 
-        core = build_core(spec, sink=sink)
+        core = build_core(spec, sink=sink, device=device)
     except BaseException as e:  # the front end prints it and exits
         send(("failed", f"{type(e).__name__}: {e}" if not isinstance(e, DLMError) else str(e)))
         return
@@ -261,10 +306,10 @@ class ProcessEngine:
         import multiprocessing
 
         self.spec, self.start_timeout, self.restart = spec, start_timeout, restart
-        if spec.threads is None:
+        if spec.threads is None:  # this process's torch threads, shared among the ranks
             import torch
 
-            spec.threads = torch.get_num_threads()
+            spec.threads = max(1, torch.get_num_threads() // spec.tensor_parallel)
         self._ctx = multiprocessing.get_context("spawn")
         self._keys = itertools.count(1)
         self._jobs: dict[int, Job] = {}  # in flight in the engine
@@ -279,30 +324,66 @@ class ProcessEngine:
 
     # ---------------------------------------------------------- the child
     def _launch(self) -> None:
-        """Start the engine process and wait for it to load; DLMError if it cannot."""
+        """Start the engine process (and, tensor-parallel, its other ranks) and wait for it to
+        load; DLMError if it cannot."""
+        from dlm.parallel import _free_port
+
+        tp = self.spec.tensor_parallel
+        port = _free_port() if tp > 1 else None
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=engine_main, args=(child, self.spec), name="dlm-engine", daemon=True)
+        proc = self._ctx.Process(target=engine_main, args=(child, self.spec, port), name="dlm-engine", daemon=True)
         proc.start()
         child.close()
+        followers = []
+        if tp > 1:
+            from .lockstep import follower_main
+
+            followers = [self._ctx.Process(target=follower_main, args=(self.spec, r, port), name=f"dlm-engine-{r}",
+                                           daemon=True) for r in range(1, tp)]
+            for f in followers:
+                f.start()
+        ranks = [proc, *followers]
+
+        def stop_all():
+            for p in ranks:
+                if p.is_alive():
+                    p.kill()
+
         deadline = time.monotonic() + self.start_timeout
         while not parent.poll(0.2):
-            if not proc.is_alive():
-                raise DLMError(f"the engine process exited while loading {self.spec.model_dir} "
-                               f"(exit code {proc.exitcode})")
+            dead = [i for i, p in enumerate(ranks) if not p.is_alive()]
+            if dead:
+                stop_all()
+                raise DLMError(f"the engine process{' (rank %d)' % dead[0] if tp > 1 else ''} exited while loading "
+                               f"{self.spec.model_dir} (exit code {ranks[dead[0]].exitcode})")
             if time.monotonic() > deadline:
-                proc.kill()
+                stop_all()
                 raise DLMError(f"the engine process did not load {self.spec.model_dir} in {self.start_timeout:.0f} s")
         try:
             msg = parent.recv()
         except EOFError:
             msg = ("failed", f"the engine process exited while loading (exit code {proc.join(5) or proc.exitcode})")
         if msg[0] == "failed":
+            stop_all()
             proc.join(5)
             raise DLMError(msg[1])
-        self.proc, self.conn = proc, parent
+        self.proc, self.conn, self.followers = proc, parent, followers
         self.pid = msg[1]["pid"]
         self.healthy = True
         threading.Thread(target=self._read, args=(parent,), name="dlm-engine-reader", daemon=True).start()
+        if followers:
+            threading.Thread(target=self._watch, args=(ranks,), name="dlm-engine-watch", daemon=True).start()
+
+    def _watch(self, ranks: list) -> None:
+        """Tensor-parallel: one rank gone leaves the others waiting in a collective. Stop them
+        all (rank 0's pipe closes, and the engine restarts as after any death)."""
+        while not self._closing and self.proc is ranks[0]:
+            if any(not p.is_alive() for p in ranks):
+                for p in ranks:
+                    if p.is_alive():
+                        p.kill()
+                return
+            time.sleep(0.2)
 
     def _read(self, conn) -> None:
         while True:
@@ -420,8 +501,10 @@ class ProcessEngine:
                 self.conn.send(("close",))
             except Exception:
                 pass
-        if self.proc is not None:
-            self.proc.join(10)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(5)
+        for p in [self.proc, *getattr(self, "followers", [])]:
+            if p is None:
+                continue
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)

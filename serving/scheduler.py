@@ -15,6 +15,7 @@ import asyncio
 import collections
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -92,8 +93,10 @@ def deliver_to_loops(items: list) -> None:
 
 
 class Scheduler:
-    def __init__(self, decoder: Decoder, max_batch: int = 32, max_queue: int = 256, sink=deliver_to_loops):
+    def __init__(self, decoder: Decoder, max_batch: int = 32, max_queue: int = 256, sink=deliver_to_loops,
+                 on_fatal=None):
         self.decoder = decoder
+        self.on_fatal = on_fatal  # called with a failed batched step's error before the jobs fail (see below)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.sink = sink  # called with each step's [(job, kind, value), ...]
@@ -104,6 +107,7 @@ class Scheduler:
         self.steps = 0
         self.stepped_jobs = 0  # sum over steps of the batch size: stepped_jobs / steps = mean batch
         self.step_seconds = 0.0
+        self.calls: collections.deque = collections.deque()  # (fn, Future) run by this thread between steps
         self.outbox: list = []  # (job, kind, value) posted during a step, sent by _flush
         self._sizes = (0, 0)  # (queued, running) at the last _flush
         self.thread = threading.Thread(target=self._run, name="dlm-scheduler", daemon=True)
@@ -122,6 +126,18 @@ class Scheduler:
                 raise QueueFull()
             self.pending.extend(jobs)
             self.lock.notify()
+
+    def call(self, fn) -> Future:
+        """Run fn() in the scheduler's thread between two steps (a tensor-parallel engine's
+        other collective work, e.g. scoring); its result or error comes in the Future."""
+        fut: Future = Future()
+        with self.lock:
+            if self.stopping:
+                fut.set_exception(ShuttingDown("the server is shutting down; retry"))
+                return fut
+            self.calls.append((fn, fut))
+            self.lock.notify()
+        return fut
 
     def cancel(self, job: Job) -> None:
         """The client went away: the job leaves at the next step boundary."""
@@ -148,8 +164,15 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self.lock:
-                while not self.stopping and not self.pending and not self.live:
+                while not self.stopping and not self.pending and not self.live and not self.calls:
                     self.lock.wait()
+                calls, self.calls = list(self.calls), collections.deque()
+            for fn, fut in calls:
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - the caller's
+                    fut.set_exception(e)
+            with self.lock:
                 if self.stopping:
                     self.outbox = [(j, "error", ShuttingDown("the server is shutting down; retry"))
                                    for j in list(self.pending) + self.live]
@@ -165,6 +188,8 @@ class Scheduler:
             try:  # a request's own failure finishes it with an error inside the step (the others go on)
                 self.decoder.step([j.request for j in self.live])
             except Exception as e:  # a fault outside every request's own work must not kill the server
+                if self.on_fatal is not None:  # unless the engine cannot go on (a tensor-parallel rank is gone)
+                    self.on_fatal(e)
                 for j in self.live:
                     self.decoder.cancel(j.request)
                     self.outbox.append((j, "error", InternalError(f"decoding failed: internal error ({type(e).__name__})")))

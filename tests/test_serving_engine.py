@@ -50,6 +50,17 @@ def _answers(server) -> list:
     return out
 
 
+def _same(a, b, tol=1e-4) -> bool:
+    """Equal answers, logprobs to `tol` (sharded sums add in another order)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k], tol) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y, tol) for x, y in zip(a, b))
+    return a == b
+
+
 def test_engine_process_answers_as_the_engine_in_the_server_process(model_dir):  # noqa: F811
     defaults = DecodeConfig(unmask="threshold", threshold=0.5)
     answers = {}
@@ -66,6 +77,45 @@ def test_engine_process_answers_as_the_engine_in_the_server_process(model_dir): 
     assert [a[0] for a in answers["process"][:-1]] == [200] * 6 + [400]
     assert len(answers["process"][-1]) > 2 and answers["process"][-1][-1] == "[DONE]"
     assert answers["process"] == answers["thread"]
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_engine_answers_as_one_process_and_restarts_when_a_rank_dies(model_dir):  # noqa: F811
+    """--tensor-parallel 2 (gloo ranks on this CPU): the same answers as the one-process engine
+    for every kind of request (logprobs scoring and constraints included); a rank killed fails
+    the requests in flight with a 503 and the engine comes back on both ranks."""
+    defaults = DecodeConfig(unmask="threshold", threshold=0.5)
+    one = Server(model_dir, defaults=defaults)
+    try:
+        want = _answers(one)
+    finally:
+        one.stop()
+    s = Server(model_dir, defaults=defaults, tensor_parallel=2)
+    try:
+        engine = s.app.state.engine
+        assert len(engine.followers) == 1
+        got = _answers(s)
+        assert _same(got, want), [i for i, (x, y) in enumerate(zip(got, want)) if not _same(x, y)]
+        follower = engine.followers[0]
+        long = {"prompt": "the", "max_tokens": 120, "ignore_eos": True}
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(httpx.post, s.url + "/v1/completions", json=long, timeout=60)
+            deadline = time.time() + 30
+            while engine.stats()["running"] < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            os.kill(follower.pid, signal.SIGKILL)
+            r = fut.result()
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        deadline = time.time() + 120
+        while httpx.get(s.url + "/health").status_code != 200:
+            assert time.time() < deadline, "the engine did not come back"
+            time.sleep(0.1)
+        assert engine.followers[0].pid != follower.pid and engine.restarts == 1
+        assert _same(_answers(s), want)
+    finally:
+        s.stop()
+    with pytest.raises(DLMError, match="divisible by 4"):
+        Server(model_dir, tensor_parallel=4)
 
 
 def test_a_dead_engine_fails_its_requests_with_503_and_comes_back(model_dir):  # noqa: F811

@@ -77,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         set_threads(getattr(args, "threads", None))
     try:
-        if (getattr(args, "tensor_parallel", None) or 1) > 1:
+        if (getattr(args, "tensor_parallel", None) or 1) > 1 and args.command != "serve":  # serve: its engine
             from dlm.cli.commands import run_tensor_parallel
 
             run_tensor_parallel(args)

@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--engine", choices=("process", "thread"), default="process",
                     help="where the model runs: in a process of its own, apart from the HTTP front end, "
                          "restarted if it dies (default), or in a thread of the server process")
+    _tensor_parallel_flag(sv)
     sc = sv.add_argument_group("structured outputs (constraint compile budgets)")
     sc.add_argument("--constraint-compile-timeout", type=float, default=1.0, metavar="S",
                     help="seconds a token automaton may take to build; past it the grammar engine takes the "

@@ -52,6 +52,7 @@ class ARDecoder:
         if not self.family.autoregressive:
             raise DLMError("ARDecoder decodes AR models; use Decoder for diffusion models")
         self.device = next(model.parameters()).device
+        self.isolate_failures = True  # a request whose forward fails fails alone (see Decoder)
 
     def new_request(self, prompt: Sequence[int], config: DecodeConfig, seed: Optional[int] = None,
                     constraint=None, rid=None) -> ARRequest:
@@ -71,6 +72,8 @@ class ARDecoder:
             try:
                 self._step_one(r)
             except Exception as e:  # noqa: BLE001 - this request fails alone
+                if not self.isolate_failures:  # (as Decoder: ranks in lockstep raise instead)
+                    raise
                 if not r.finished:
                     self._finish(r, error=e)
         return work

@@ -56,6 +56,9 @@ class Decoder:
 
             self.objective = make_objective(self.cfg)
         self.backends = caches.backends_for(self)
+        # a failed batched forward is retried request by request, so only the failing one fails;
+        # off when ranks must make the same calls (serving/lockstep.py): the failure is raised
+        self.isolate_failures = True
 
     # -------------------------------------------------------------- public
     @torch.no_grad()
@@ -127,6 +130,8 @@ class Decoder:
         try:
             self._forward(need)
         except Exception:  # find whose forward fails: each request alone
+            if not self.isolate_failures:
+                raise
             for r in need:
                 self._guarded(r, lambda r: self._forward([r]))
             work = [r for r in work if not r.finished]
