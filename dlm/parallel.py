@@ -79,18 +79,19 @@ def rank() -> Optional[int]:
     return None if r is None else int(r)
 
 
-def init_rank(tp: int, device: Optional[str] = None):
-    """In a rank `launch` started: join the process group and return (device, mesh)."""
+def init_rank(tp: int, device: Optional[str] = None, first_gpu: int = 0):
+    """In a rank `launch` started: join the process group and return (device, mesh). On GPUs rank
+    r takes cuda:(first_gpu + r)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     r = rank()
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if cuda:
-        torch.cuda.set_device(r)
+        torch.cuda.set_device(first_gpu + r)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=r, world_size=tp)
-    dev = torch.device(f"cuda:{r}") if cuda else torch.device("cpu")
+    dev = torch.device(f"cuda:{first_gpu + r}") if cuda else torch.device("cpu")
     global _MESH
     _MESH = init_device_mesh(dev.type, (tp,))
     return dev, _MESH

@@ -30,7 +30,7 @@ from dlm.decoding.config import DecodeConfig
 from dlm.decoding.state import DecodeResult
 from dlm.errors import DLMError
 
-from .engine import EngineSpec, LocalEngine, ProcessEngine, build_core, load_server_tokenizer
+from .engine import EngineSpec, LocalEngine, ProcessEngine, ReplicatedEngine, build_core, load_server_tokenizer
 from .handlers import Plan, Service
 from .metrics import Metrics
 from .protocol import (
@@ -65,12 +65,25 @@ class ServerSettings:
     engine: str = "process"  # "process": the engine in a process of its own; "thread": in this one
     threads: Optional[int] = None  # torch threads per engine rank (default: this process's / ranks)
     tensor_parallel: int = 1  # engine ranks the model is split over (process engine only)
+    data_parallel: int = 1  # engine replicas behind this front end (process engine only)
 
-    def engine_spec(self) -> EngineSpec:
-        return EngineSpec(model_dir=self.model_dir, device=self.device, tokenizer=self.tokenizer,
+    def engine_spec(self, replica: int = 0) -> EngineSpec:
+        """What engine replica `replica` is built from: on GPUs its ranks take the GPUs after the
+        previous replicas'; on CPU the cores are shared among all ranks of all replicas."""
+        import torch
+
+        device, threads = self.device, self.threads
+        ranks = self.tensor_parallel * self.data_parallel
+        if threads is None and ranks > 1:
+            threads = max(1, torch.get_num_threads() // ranks)
+        cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if cuda and self.data_parallel > 1 and self.tensor_parallel == 1 and device in (None, "cuda"):
+            device = f"cuda:{replica}"
+        return EngineSpec(model_dir=self.model_dir, device=device, tokenizer=self.tokenizer,
                           trust_remote_code=self.trust_remote_code, max_batch=self.max_batch, max_queue=self.max_queue,
                           compile_limits=self.compile_limits, compile_workers=self.compile_workers,
-                          threads=self.threads, tensor_parallel=self.tensor_parallel)
+                          threads=threads, tensor_parallel=self.tensor_parallel,
+                          first_gpu=replica * self.tensor_parallel)
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -87,9 +100,11 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
 
     if settings.engine not in ("process", "thread"):
         raise _DLMError(f"unknown engine mode {settings.engine!r}; use process or thread")
-    if settings.tensor_parallel > 1 and (model is not None or settings.engine != "process"):
-        raise _DLMError("--tensor-parallel runs the engine in processes of its own: use --engine process "
-                        "(the default) and let it load the model")
+    if max(settings.tensor_parallel, settings.data_parallel) > 1 and (model is not None or settings.engine != "process"):
+        raise _DLMError("--tensor-parallel / --data-parallel run the engine in processes of its own: use --engine "
+                        "process (the default) and let it load the model")
+    if settings.data_parallel < 1 or settings.tensor_parallel < 1:
+        raise _DLMError("--tensor-parallel and --data-parallel must be at least 1")
     if model is None and settings.engine == "process":
         from dlm.loading import load_config
 
@@ -100,7 +115,11 @@ def create_app(settings: ServerSettings, model=None, tokenizer=None) -> FastAPI:
             check_shardable(cfg, settings.tensor_parallel)
         if tokenizer is None:
             tokenizer = load_server_tokenizer(settings.model_dir, cfg, settings.tokenizer, settings.trust_remote_code)
-        engine = ProcessEngine(settings.engine_spec())  # loads the model there; DLMError if it cannot
+        if settings.data_parallel > 1:
+            engine = ReplicatedEngine([ProcessEngine(settings.engine_spec(replica=i))
+                                       for i in range(settings.data_parallel)])
+        else:
+            engine = ProcessEngine(settings.engine_spec())  # loads the model there; DLMError if it cannot
     else:
         core = build_core(settings.engine_spec(), model=model, tokenizer=tokenizer)
         engine, cfg, tokenizer = LocalEngine(core), core.model.config, core.tokenizer

@@ -99,7 +99,7 @@ def follower_main(spec, rank: int, port: int) -> None:
     torch.set_grad_enabled(False)
     from .engine import build_core
 
-    _, _ = init_rank(spec.tensor_parallel, spec.device)
+    _, _ = init_rank(spec.tensor_parallel, spec.device, spec.first_gpu)
     core = build_core(spec, scheduler=False)  # the sharded model, decoder and compiler; no scheduler
     core.decoder.isolate_failures = False
     group = _control_group()

@@ -163,3 +163,42 @@ def test_an_engine_that_cannot_load_is_a_clear_error(model_dir, tmp_path):  # no
     (d / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DLMError, match="could not load weights"):
         Server(d)
+
+
+@pytest.mark.slow
+def test_data_parallel_replicas_share_the_load_and_answer_as_one(model_dir):  # noqa: F811
+    """--data-parallel 2: two engine processes behind one front end. Each answers as the single
+    engine would; concurrent requests go to both; one replica killed fails only its own
+    requests (503), the front end stays healthy on the other and the replica comes back."""
+    defaults = DecodeConfig(unmask="threshold", threshold=0.5)
+    one = Server(model_dir, defaults=defaults)
+    try:
+        want = _answers(one)
+    finally:
+        one.stop()
+    s = Server(model_dir, defaults=defaults, data_parallel=2)
+    try:
+        engine = s.app.state.engine
+        a, b = engine.replicas
+        assert a.pid != b.pid
+        assert _same(_answers(s), want)
+        long = {"prompt": "the", "max_tokens": 60, "ignore_eos": True}
+        with ThreadPoolExecutor(4) as ex:
+            futs = [ex.submit(httpx.post, s.url + "/v1/completions", json=long, timeout=60) for _ in range(4)]
+            deadline = time.time() + 30
+            while (a.stats()["running"] < 2 or b.stats()["running"] < 2) and time.time() < deadline:
+                time.sleep(0.01)
+            assert a.stats()["running"] == 2 and b.stats()["running"] == 2  # two each
+            os.kill(a.pid, signal.SIGKILL)
+            codes = sorted(f.result().status_code for f in futs)
+        assert codes == [200, 200, 503, 503]
+        assert httpx.get(s.url + "/health").status_code == 200  # the other replica serves on
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200
+        deadline = time.time() + 120
+        while not a.healthy:
+            assert time.time() < deadline, "the replica did not come back"
+            time.sleep(0.1)
+        assert engine.restarts == 1 and _same(_answers(s), want)
+    finally:
+        s.stop()

@@ -258,7 +258,8 @@ def cmd_serve(args) -> None:
                               max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
                               trust_remote_code=args.trust_remote_code, defaults=defaults,
                               default_temperature=args.temperature, default_max_tokens=args.max_tokens,
-                              compile_limits=limits, engine=args.engine, tensor_parallel=args.tensor_parallel)
+                              compile_limits=limits, engine=args.engine, tensor_parallel=args.tensor_parallel,
+                              data_parallel=args.data_parallel)
     app = create_app(settings, model=model)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"dlm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the model runs: in a process of its own, apart from the HTTP front end, "
                          "restarted if it dies (default), or in a thread of the server process")
     _tensor_parallel_flag(sv)
+    sv.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                    help="N engine replicas (each --tensor-parallel ranks) behind one front end; a request goes "
+                         "to the replica with the fewest jobs in flight")
     sc = sv.add_argument_group("structured outputs (constraint compile budgets)")
     sc.add_argument("--constraint-compile-timeout", type=float, default=1.0, metavar="S",
                     help="seconds a token automaton may take to build; past it the grammar engine takes the "
