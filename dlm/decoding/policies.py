@@ -172,11 +172,12 @@ class Threshold(UnmaskPolicy):
     @staticmethod
     def commit_batched(reqs, mask_id: int) -> None:
         """Many batchable requests' commits at once: the same float64 softmax, argmax and
-        threshold decisions (ties included) as one request at a time, in a few tensor ops."""
+        threshold decisions (ties included) as one request at a time, in a few tensor ops and
+        one host sync for the whole batch (which requests changed)."""
         import torch
 
-        lows = [r.block[0] for r in reqs]
-        blocks = [r.canvas[lo:hi] for r, (lo, hi) in zip(reqs, (r.block for r in reqs))]
+        spans = [r.block for r in reqs]
+        blocks = [r.canvas[lo:hi] for r, (lo, hi) in zip(reqs, spans)]
         region = torch.nn.utils.rnn.pad_sequence(blocks, batch_first=True, padding_value=-1)  # (R, W)
         logits = torch.nn.utils.rnn.pad_sequence([r.logits[: b.numel()] for r, b in zip(reqs, blocks)],
                                                  batch_first=True).double()
@@ -187,16 +188,15 @@ class Threshold(UnmaskPolicy):
         conf = conf.masked_fill(~open_, -1.0)
         tau = torch.tensor([r.policy.tau for r in reqs], dtype=conf.dtype, device=conf.device)
         sel = conf >= tau[:, None]
-        none = ~sel.any(1)
-        if bool(none.any()):
-            best = conf.argmax(1)
-            sel[none, best[none]] = True
+        cols = torch.arange(sel.shape[1], device=sel.device)
+        sel |= ~sel.any(1, keepdim=True) & (cols[None] == conf.argmax(1, keepdim=True))  # at least the best
         sel &= open_
-        for i, (r, lo) in enumerate(zip(reqs, lows)):
-            cols = sel[i].nonzero(as_tuple=True)[0]
-            r.canvas[lo + cols] = tokens[i, cols].to(r.canvas.device)
+        new = torch.where(sel, tokens.to(region.dtype), region)
+        changed = sel.any(1).tolist()  # the one sync
+        for r, (lo, hi), row, ch in zip(reqs, spans, new, changed):
+            r.canvas[lo:hi] = row[: hi - lo].to(r.canvas.device)
             r.step_i += 1
-            r.changed = cols.numel() > 0
+            r.changed = ch
             r.s_in_block += 1
 
 
