@@ -133,6 +133,21 @@ def main(args) -> None:
     levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
     if not levels or min(levels) < 1:
         raise DLMError(f"--concurrency must list positive integers, got {args.concurrency!r}")
+    note = None
+    if getattr(args, "random_init", None):  # a real shape with random weights, served from a temporary checkpoint
+        import tempfile
+
+        from dlm.formats.shapes import write_random_checkpoint
+        from dlm.loading import _dtype
+
+        tmp = tempfile.TemporaryDirectory(prefix="dlm-bench-serve-")
+        args.model = write_random_checkpoint(args.random_init, tmp.name, args.layers, _dtype(args.dtype))
+        if args.serve_args is None:  # random weights are never confident: fixed tokens per step
+            args.serve_args = f"--unmask confidence --steps {max(1, args.max_tokens // args.tokens_per_step)}"
+        note = (f"random weights ({args.random_init}, {args.layers or 'all'} layers): every step commits "
+                f"{args.tokens_per_step} tokens (confidence rules would never fire); speed only")
+    if not args.model:
+        raise DLMError("give a model directory, or --random-init SHAPE for a published model's shape")
     if not Path(args.model).is_dir():
         raise DLMError(f"model directory {args.model} does not exist")
     prompts = _prompts(max(64, args.requests), args.seed)
@@ -179,7 +194,8 @@ def main(args) -> None:
                       _fmt(r["ttft_p50"]), _fmt(r["latency_p50"]), _fmt(r["latency_p90"]), _fmt(r["latency_p99"]),
                       str(r["failed"]))
     Console().print(table)
-    out = {"command": "dlm bench serve " + " ".join(sys.argv[3:]), **provenance(), "model": args.model, "max_tokens": args.max_tokens,
+    out = {"command": "dlm bench serve " + " ".join(sys.argv[3:]), **provenance(), "model": args.model,
+           "random_init": note, "max_tokens": args.max_tokens,
            "ignore_eos": bool(args.ignore_eos), "serve_args": serve_args,
            "rows": rows, "note": vllm_note}
     if args.out:

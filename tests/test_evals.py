@@ -127,6 +127,29 @@ def test_bench_constrained_smoke(tmp_path, served_model):
     assert rep["summary"]["time_per_token_ratio"] > 0
 
 
+def test_bench_serve_random_init_serves_a_real_width_shape(tmp_path):
+    """bench serve --random-init: a published shape (one layer of MDLM-OWT's width, its 50,258-token
+    vocabulary) written in its format with a stand-in tokenizer and served end to end at fixed
+    tokens per step."""
+    from dlm.cli import main
+    from dlm.formats.shapes import write_random_checkpoint
+    from dlm.loading import load_config, load_tokenizer_for
+
+    out = tmp_path / "s.json"
+    assert main(["bench", "serve", "--random-init", "mdlm-owt", "--layers", "1", "--concurrency", "1,2",
+                 "--requests", "4", "--max-tokens", "8", "--ignore-eos", "--tokens-per-step", "2",
+                 "--out", str(out)]) == 0
+    rep = json.load(open(out))
+    assert all(r["failed"] == 0 and r["tokens"] == 4 * 8 for r in rep["rows"])
+    assert "random weights" in rep["random_init"] and "--steps 4" in rep["serve_args"]
+    # the stand-in tokenizer: one token per embedding row, the config's special ids
+    d = write_random_checkpoint("mdlm-owt", str(tmp_path / "ck"), layers=1)
+    cfg, tok = load_config(d), load_tokenizer_for(d)
+    assert len(tok) == cfg.vocab_size == 50258
+    assert tok.convert_ids_to_tokens(cfg.mask_token_id) == "<|mask|>" and tok.eos_token_id == cfg.eos_token_id
+    assert tok.decode(tok.encode("w5 w77", add_special_tokens=False)) == "w5 w77"
+
+
 def test_bench_serve_smoke(tmp_path, served_model):
     from dlm.cli import main
 

@@ -290,7 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(checkable-task prompts) at each concurrency level; with --ar-model and "
                                   "--vllm-python also `vllm serve` of the same-size AR model. Bounded in requests "
                                   "and time per level.")
-    bs.add_argument("model", help="diffusion model directory")
+    bs.add_argument("model", nargs="?", help="diffusion model directory (or --random-init SHAPE)")
+    bs.add_argument("--random-init", metavar="SHAPE", choices=list(_shapes()),
+                    help="instead of a model: a published model's real shape with random weights, written as a "
+                         "checkpoint in its format with a stand-in tokenizer and served (speed only)")
+    bs.add_argument("--layers", type=int, help="--random-init: fewer layers at full width")
+    bs.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="--random-init: weights")
+    bs.add_argument("--tokens-per-step", type=int, default=4, help="--random-init: tokens committed per step")
     bs.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
     bs.add_argument("--requests", type=int, default=64, help="requests per level (at least 2 x concurrency)")
     bs.add_argument("--max-tokens", type=int, default=64)
