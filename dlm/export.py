@@ -16,7 +16,7 @@ import torch
 
 from dlm.errors import DLMError
 from dlm.families import family_of
-from dlm.model import load_model
+from dlm.loading import load_model
 
 
 def to_llama(model):

@@ -423,11 +423,3 @@ class DLMModel(DLMPreTrainedModel):
 
 AutoConfig.register("dlm", DLMConfig)
 AutoModel.register(DLMConfig, DLMModel)
-
-
-def load_model(path: str, expect_objective: Optional[str] = None, **kwargs) -> DLMModel:
-    """Load a model directory (or hub id) with clear errors for the usual mistakes: dlm's own
-    checkpoints and the published families (dlm/loading.py)."""
-    from dlm.loading import load_model as _load
-
-    return _load(path, expect_objective=expect_objective, **kwargs)

@@ -40,7 +40,7 @@ def main(args) -> None:
 
     from dlm.constraints import Constraint, ConstraintCompiler
     from dlm.decoding import DecodeConfig, Decoder
-    from dlm.model import load_model
+    from dlm.loading import load_model
     from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

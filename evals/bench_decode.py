@@ -170,7 +170,7 @@ def run_vllm(vllm_python: str, ar_model: str, tok, examples, length: int, repeat
 def main(args) -> dict:
     from dlm.errors import DLMError
     from dlm.loading import load_tokenizer_for
-    from dlm.model import load_model
+    from dlm.loading import load_model
     from dlm.tasks import score_predictions
 
     if getattr(args, "random_init", None):

@@ -76,7 +76,7 @@ def main(args) -> None:
         ConstraintViolation,
     )
     from dlm.decoding import DecodeConfig, Decoder
-    from dlm.model import load_model
+    from dlm.loading import load_model
     from dlm.tokenizer import check_tokenizer_for_model, load_tokenizer
 
     items = load_sample(args.sample or SAMPLE)

@@ -137,11 +137,13 @@ def main(args) -> None:
     if getattr(args, "random_init", None):  # a real shape with random weights, served from a temporary checkpoint
         import tempfile
 
-        from dlm.formats.shapes import write_random_checkpoint
-        from dlm.loading import _dtype
+        from dlm.evals.bench_load import write_random_checkpoint, write_stand_in_tokenizer
+        from dlm.loading import load_config
 
         tmp = tempfile.TemporaryDirectory(prefix="dlm-bench-serve-")
-        args.model = write_random_checkpoint(args.random_init, tmp.name, args.layers, _dtype(args.dtype))
+        write_random_checkpoint(args.random_init, tmp.name, args.layers, args.dtype)
+        write_stand_in_tokenizer(tmp.name, load_config(tmp.name))
+        args.model = tmp.name
         if args.serve_args is None:  # random weights are never confident: fixed tokens per step
             args.serve_args = f"--unmask confidence --steps {max(1, args.max_tokens // args.tokens_per_step)}"
         note = (f"random weights ({args.random_init}, {args.layers or 'all'} layers): every step commits "

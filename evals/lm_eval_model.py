@@ -60,7 +60,7 @@ class DLMEvalModel(LM):
                  batch_size=8, mc_samples=32, max_length=None, seed=0, loglikelihood="elbo", **decoder_args):
         super().__init__()
         from dlm.loading import load_tokenizer_for
-        from dlm.model import load_model
+        from dlm.loading import load_model
         from dlm.tokenizer import check_tokenizer_for_model
 
         if not pretrained:

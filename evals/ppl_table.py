@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
 
     from dlm.data import build_lm_dataset
     from dlm.errors import DLMError
-    from dlm.model import load_model
+    from dlm.loading import load_model
     from dlm.likelihood import perplexity
     from dlm.tokenizer import load_tokenizer
 

@@ -180,7 +180,7 @@ def build_core(spec: EngineSpec, sink=deliver_to_loops, model=None, tokenizer=No
     import torch
 
     from dlm.families import family_of
-    from dlm.model import load_model
+    from dlm.loading import load_model
     from dlm.parallel import maybe_shard
     from dlm.tokenizer import check_tokenizer_for_model
 
@@ -298,6 +298,23 @@ def engine_main(conn, spec: EngineSpec, port: Optional[int] = None) -> None:
         core.close()
 
 
+def follower_main(spec: EngineSpec, rank: int, port: int) -> None:
+    """Ranks 1..N-1 of a tensor-parallel engine: load and shard the model, then follow rank 0
+    (serving/lockstep.py)."""
+    import torch
+
+    from dlm.parallel import ENV_RANK, init_rank
+
+    from .lockstep import Follower, _control_group
+
+    os.environ.update({ENV_RANK: str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(spec.threads or 1)
+    torch.set_grad_enabled(False)
+    device, _ = init_rank(spec.tensor_parallel, spec.device, spec.first_gpu)
+    core = build_core(spec, device=device, scheduler=False)  # the shard, decoder and compiler; no scheduler
+    Follower(core, _control_group()).run()
+
+
 class ProcessEngine:
     """The engine core in a child process, restarted when it dies."""
 
@@ -337,8 +354,6 @@ class ProcessEngine:
         child.close()
         followers = []
         if tp > 1:
-            from .lockstep import follower_main
-
             followers = [self._ctx.Process(target=follower_main, args=(self.spec, r, port), name=f"dlm-engine-{r}",
                                            daemon=True) for r in range(1, tp)]
             for f in followers:

@@ -8,7 +8,7 @@ collective, so every rank must make the same calls in the same order:
   those cancelled, the keys of the requests to step, and the state rank 0 reached after the
   previous step (each stepped request's canvas and whether it changed, the requests that
   finished). Logprob scoring is a message too; the scheduler thread runs it between steps.
-* `follower_main` is ranks 1..N-1: it applies the message (rank 0's state first, so the
+* `Follower` is ranks 1..N-1 (started by serving/engine.py's `follower_main`): it applies the message (rank 0's state first, so the
   forward inputs are rank 0's even if a follower's own choice differed, e.g. a constraint
   routed to another engine under a time budget), then steps the same requests.
 """
@@ -86,35 +86,31 @@ class Lockstep:
         _broadcast(("stop",), self.group)
 
 
-def follower_main(spec, rank: int, port: int) -> None:
-    """Ranks 1..N-1 of a tensor-parallel engine: load and shard the model, then follow rank 0."""
-    import os
+class Follower:
+    """Ranks 1..N-1: the same decoder as rank 0 (over this rank's shard), driven by its messages.
+    `core` is this rank's EngineCore without a scheduler (serving/engine.py)."""
 
-    import torch
+    def __init__(self, core, group):
+        self.core, self.group = core, group
+        core.decoder.isolate_failures = False
+        self.reqs: dict = {}
 
-    from dlm.parallel import ENV_RANK, init_rank
+    def run(self) -> None:
+        while self.apply(_broadcast(None, self.group)):
+            pass
 
-    os.environ.update({ENV_RANK: str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(spec.threads or 1)
-    torch.set_grad_enabled(False)
-    from .engine import build_core
-
-    _, _ = init_rank(spec.tensor_parallel, spec.device, spec.first_gpu)
-    core = build_core(spec, scheduler=False)  # the sharded model, decoder and compiler; no scheduler
-    core.decoder.isolate_failures = False
-    group = _control_group()
-    reqs: dict = {}
-    while True:
-        msg = _broadcast(None, group)
+    def apply(self, msg) -> bool:
+        """Carry out one of rank 0's messages; False on "stop"."""
+        core, reqs = self.core, self.reqs
         if msg[0] == "stop":
-            break
+            return False
         if msg[0] == "score":
             from dlm.likelihood import token_top_logprobs
 
             token_top_logprobs(core.model, msg[1], msg[2], start=msg[3])
-            continue
+            return True
         (sync, done), new, gone, keys = msg[1:]
-        for key, (canvas, changed) in sync.items():
+        for key, (canvas, changed) in sync.items():  # rank 0's state first
             r = reqs.get(key)
             if r is not None and not r.finished:
                 r.canvas.copy_(canvas.to(r.canvas.device))
@@ -127,6 +123,7 @@ def follower_main(spec, rank: int, port: int) -> None:
             compiled = core.compiler.compile(cspec) if cspec is not None and core.compiler is not None else None
             reqs[key] = core.decoder.new_request(prompt, config, seed, compiled)
         core.decoder.step([reqs[k] for k in keys if k in reqs])
+        return True
 
 
 _GROUP: Optional[object] = None

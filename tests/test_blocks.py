@@ -205,7 +205,7 @@ def test_trained_block_models_improve_the_bound(tmp_path, small_corpus):
         assert len(vals) == 2 and vals[1] < vals[0] < math.log(300) * 1.2
         windows = [r["noise_window"] for r in recs if "noise_window" in r]
         assert windows and all(0 <= w[0] < w[1] <= 1 for w in windows)
-        from dlm.model import load_model
+        from dlm.loading import load_model
 
         m = load_model(str(out / "model"))
         assert m.config.objective == objective and m.config.block_size == 4

@@ -210,7 +210,7 @@ def test_checkpoint_from_another_model_type(capsys, tmp_path, small_corpus, run_
 def test_init_from_another_objective_with_the_same_backbone(tmp_path, small_corpus, run_dir):
     """An MDLM run continues as a BD3-LM (the BD3-LM paper's recipe; AR -> MDLM alike): the
     weights carry over and the saved model is a BD3-LM with its block size."""
-    from dlm.model import load_model
+    from dlm.loading import load_model
 
     out = tmp_path / "bd3"
     train(TrainConfig(data=small_corpus, output_dir=str(out), init_from=str(run_dir / "model"),

@@ -132,7 +132,7 @@ def test_bench_serve_random_init_serves_a_real_width_shape(tmp_path):
     vocabulary) written in its format with a stand-in tokenizer and served end to end at fixed
     tokens per step."""
     from dlm.cli import main
-    from dlm.formats.shapes import write_random_checkpoint
+    from dlm.evals.bench_load import write_random_checkpoint, write_stand_in_tokenizer
     from dlm.loading import load_config, load_tokenizer_for
 
     out = tmp_path / "s.json"
@@ -143,7 +143,9 @@ def test_bench_serve_random_init_serves_a_real_width_shape(tmp_path):
     assert all(r["failed"] == 0 and r["tokens"] == 4 * 8 for r in rep["rows"])
     assert "random weights" in rep["random_init"] and "--steps 4" in rep["serve_args"]
     # the stand-in tokenizer: one token per embedding row, the config's special ids
-    d = write_random_checkpoint("mdlm-owt", str(tmp_path / "ck"), layers=1)
+    d = str(tmp_path / "ck")
+    write_random_checkpoint("mdlm-owt", d, layers=1, dtype="float32")
+    write_stand_in_tokenizer(d, load_config(d))
     cfg, tok = load_config(d), load_tokenizer_for(d)
     assert len(tok) == cfg.vocab_size == 50258
     assert tok.convert_ids_to_tokens(cfg.mask_token_id) == "<|mask|>" and tok.eos_token_id == cfg.eos_token_id

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from dlm.errors import DLMError
-from dlm.model import PRESETS, DLMConfig, DLMModel, KVCache, load_model
+from dlm.loading import load_model
+from dlm.model import PRESETS, DLMConfig, DLMModel, KVCache
 
 V = 64
 

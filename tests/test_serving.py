@@ -296,7 +296,7 @@ def test_metrics_are_prometheus_text(server):
 
 
 def test_echo_logprobs_follow_the_chain_rule_scores(server, model_dir):
-    from dlm.model import load_model
+    from dlm.loading import load_model
     from dlm.likelihood import token_logprobs
 
     ids = httpx.post(server.url + "/tokenize", json={"prompt": "the cat sat on"}).json()["tokens"]
@@ -340,7 +340,7 @@ def test_ar_baseline_is_served_with_exact_logprobs(model_dir, tmp_path):
     structured outputs are refused with a 400."""
     import shutil
 
-    from dlm.model import load_model
+    from dlm.loading import load_model
 
     ar_dir = tmp_path / "ar"
     shutil.copytree(model_dir, ar_dir)

@@ -18,6 +18,7 @@ from test_serving import Server, model_dir  # noqa: F401  (fixture)
 from dlm.decoding.config import DecodeConfig
 from dlm.errors import DLMError
 
+DEFAULTS = DecodeConfig(unmask="threshold", threshold=0.5)
 REQUESTS = [
     ("/v1/completions", {"prompt": "the cat", "max_tokens": 8, "temperature": 0}),
     ("/v1/completions", {"prompt": ["a dog", "yes"], "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 2}),
@@ -62,10 +63,9 @@ def _same(a, b, tol=1e-4) -> bool:
 
 
 def test_engine_process_answers_as_the_engine_in_the_server_process(model_dir):  # noqa: F811
-    defaults = DecodeConfig(unmask="threshold", threshold=0.5)
     answers = {}
     for mode in ("process", "thread"):
-        s = Server(model_dir, defaults=defaults, engine=mode)
+        s = Server(model_dir, defaults=DEFAULTS, engine=mode)
         try:
             health = httpx.get(s.url + "/health").json()
             assert health["status"] == "ok" and health["engine"] == mode
@@ -79,18 +79,24 @@ def test_engine_process_answers_as_the_engine_in_the_server_process(model_dir): 
     assert answers["process"] == answers["thread"]
 
 
+@pytest.fixture(scope="module")
+def one_engine_answers(model_dir):  # noqa: F811
+    """_answers of a server with one engine process (what the parallel engines must match)."""
+    one = Server(model_dir, defaults=DEFAULTS)
+    try:
+        return _answers(one)
+    finally:
+        one.stop()
+
+
 @pytest.mark.slow
-def test_a_tensor_parallel_engine_answers_as_one_process_and_restarts_when_a_rank_dies(model_dir):  # noqa: F811
+def test_a_tensor_parallel_engine_answers_as_one_process_and_restarts_when_a_rank_dies(
+        model_dir, one_engine_answers):  # noqa: F811
     """--tensor-parallel 2 (gloo ranks on this CPU): the same answers as the one-process engine
     for every kind of request (logprobs scoring and constraints included); a rank killed fails
     the requests in flight with a 503 and the engine comes back on both ranks."""
-    defaults = DecodeConfig(unmask="threshold", threshold=0.5)
-    one = Server(model_dir, defaults=defaults)
-    try:
-        want = _answers(one)
-    finally:
-        one.stop()
-    s = Server(model_dir, defaults=defaults, tensor_parallel=2)
+    want = one_engine_answers
+    s = Server(model_dir, defaults=DEFAULTS, tensor_parallel=2)
     try:
         engine = s.app.state.engine
         assert len(engine.followers) == 1
@@ -166,17 +172,12 @@ def test_an_engine_that_cannot_load_is_a_clear_error(model_dir, tmp_path):  # no
 
 
 @pytest.mark.slow
-def test_data_parallel_replicas_share_the_load_and_answer_as_one(model_dir):  # noqa: F811
+def test_data_parallel_replicas_share_the_load_and_answer_as_one(model_dir, one_engine_answers):  # noqa: F811
     """--data-parallel 2: two engine processes behind one front end. Each answers as the single
     engine would; concurrent requests go to both; one replica killed fails only its own
     requests (503), the front end stays healthy on the other and the replica comes back."""
-    defaults = DecodeConfig(unmask="threshold", threshold=0.5)
-    one = Server(model_dir, defaults=defaults)
-    try:
-        want = _answers(one)
-    finally:
-        one.stop()
-    s = Server(model_dir, defaults=defaults, data_parallel=2)
+    want = one_engine_answers
+    s = Server(model_dir, defaults=DEFAULTS, data_parallel=2)
     try:
         engine = s.app.state.engine
         a, b = engine.replicas

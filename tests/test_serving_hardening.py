@@ -113,7 +113,7 @@ def test_seed_range_and_a_kept_connection_after_errors(server, monkeypatch):
 
 def test_chat_logprobs_in_openai_shape(server):
     from dlm.likelihood import token_top_logprobs
-    from dlm.model import load_model
+    from dlm.loading import load_model
     from dlm.serving.protocol import ChatMessage
 
     c = server.client()

@@ -40,7 +40,7 @@ def published(tmp_path_factory):
 
 
 def _build(case: str, path):
-    from dlm.model import load_model
+    from dlm.loading import load_model
 
     if case in OWN:
         return real_model(*OWN[case], seed=1)

@@ -58,7 +58,7 @@ def test_loss_falls_and_model_exports(small_corpus, tmp_path, objective):
     assert last < 0.7 * first, (first, last)
     v = vals(out)
     assert v[-1] < v[0]
-    from dlm.model import load_model
+    from dlm.loading import load_model
 
     m = load_model(model_dir)
     assert m.config.objective == objective

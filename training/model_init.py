@@ -12,7 +12,8 @@ from dlm.training.config import TrainConfig
 
 
 def build_model(cfg: TrainConfig, tok, log=print):
-    from dlm.model import PRESETS, DLMConfig, DLMModel, e2d2_layer_split, load_model
+    from dlm.loading import load_model
+    from dlm.model import PRESETS, DLMConfig, DLMModel, e2d2_layer_split
     from dlm.tokenizer import check_tokenizer_for_model, model_vocab_size, special_token_ids
 
     ids = special_token_ids(tok)

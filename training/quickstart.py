@@ -19,7 +19,7 @@ def quickstart(args) -> dict:
 
     from dlm.data import build_lm_dataset
     from dlm.families import family_of
-    from dlm.model import load_model
+    from dlm.loading import load_model
     from dlm.likelihood import perplexity
     from dlm.sample import sample, strip_after_eos
     from dlm.tokenizer import load_tokenizer

@@ -57,7 +57,7 @@ def _model_and_tokenizer(args):
     """The model in eval mode on --device, and its tokenizer (or --tokenizer, checked to match)."""
     from dlm.families import family_of
     from dlm.loading import load_tokenizer_for
-    from dlm.model import load_model
+    from dlm.loading import load_model
     from dlm.tokenizer import check_tokenizer_for_model
 
     from dlm.parallel import maybe_shard
@@ -239,7 +239,7 @@ def cmd_serve(args) -> None:
     except ImportError as e:
         raise DLMError(f"dlm serve needs the serve extra ({e.name} is missing): pip install 'dlm[serve]'") from None
     from dlm.loading import load_config
-    from dlm.model import load_model
+    from dlm.loading import load_model
 
     model = None
     if args.engine == "thread":  # loaded once, handed to the app

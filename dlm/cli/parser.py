@@ -252,15 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "tokens/s (generated tokens up to EOS), NFE, tokens per forward and accuracy for "
                                   "each decoder configuration, the vanilla decoder and an AR model of the same size "
                                   "through HF generate. Warm-up, then timed rounds; ratios from one run.")
-    bd.add_argument("model", nargs="?", help="diffusion model directory (or --random-init SHAPE)")
-    bd.add_argument("--random-init", metavar="SHAPE", choices=list(_shapes()),
-                    help="instead of a model: a published model's real shape with random weights (speed per cache "
-                         "mode at --tokens-per-step; no accuracy)")
-    bd.add_argument("--layers", type=int, help="--random-init: fewer layers at full width")
-    bd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="--random-init: weights and activations")
+    _random_init_flags(bd, "a published model's real shape with random weights (speed per cache mode at "
+                           "--tokens-per-step; no accuracy)")
     bd.add_argument("--device", help="cuda / cpu (default: cuda when there is one)")
-    bd.add_argument("--tokens-per-step", type=int, default=4, help="--random-init: tokens committed per step")
     bd.add_argument("--prompt-len", type=int, default=64, help="--random-init: prompt tokens")
     _tensor_parallel_flag(bd)
     bd.add_argument("--ar-baseline", action="store_true",
@@ -290,14 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(checkable-task prompts) at each concurrency level; with --ar-model and "
                                   "--vllm-python also `vllm serve` of the same-size AR model. Bounded in requests "
                                   "and time per level.")
-    bs.add_argument("model", nargs="?", help="diffusion model directory (or --random-init SHAPE)")
-    bs.add_argument("--random-init", metavar="SHAPE", choices=list(_shapes()),
-                    help="instead of a model: a published model's real shape with random weights, written as a "
-                         "checkpoint in its format with a stand-in tokenizer and served (speed only)")
-    bs.add_argument("--layers", type=int, help="--random-init: fewer layers at full width")
-    bs.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="--random-init: weights")
-    bs.add_argument("--tokens-per-step", type=int, default=4, help="--random-init: tokens committed per step")
+    _random_init_flags(bs, "a published model's real shape with random weights, written as a checkpoint in its "
+                           "format with a stand-in tokenizer and served (speed only)")
     bs.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
     bs.add_argument("--requests", type=int, default=64, help="requests per level (at least 2 x concurrency)")
     bs.add_argument("--max-tokens", type=int, default=64)
@@ -362,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     bl.set_defaults(func=cmd_bench_load)
     _finish_parsers(p)
     return p
+
+
+def _random_init_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """The model argument, or --random-init SHAPE and its options (bench decode / serve)."""
+    p.add_argument("model", nargs="?", help="diffusion model directory (or --random-init SHAPE)")
+    p.add_argument("--random-init", metavar="SHAPE", choices=list(_shapes()), help=f"instead of a model: {what}")
+    p.add_argument("--layers", type=int, help="--random-init: fewer layers at full width")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="--random-init: weights and activations")
+    p.add_argument("--tokens-per-step", type=int, default=4, help="--random-init: tokens committed per step")
 
 
 def _tensor_parallel_flag(p: argparse.ArgumentParser) -> None:

@@ -94,38 +94,3 @@ def random_model(name: str, layers: Optional[int] = None, dtype=None, device=Non
     model.source_config = raw
     return model.eval()
 
-
-def write_random_checkpoint(name: str, out_dir: str, layers: Optional[int] = None, dtype=None) -> str:
-    """A random checkpoint of a named real shape in its family's own format, with a stand-in
-    tokenizer that covers its vocabulary (`write_stand_in_tokenizer`): the whole serving path at
-    true width without the weights (`dlm bench serve --random-init`). Returns `out_dir`."""
-    from dlm.loading import save_model
-
-    model = random_model(name, layers, dtype=dtype)
-    save_model(model, out_dir)
-    write_stand_in_tokenizer(out_dir, model.config)
-    return out_dir
-
-
-def write_stand_in_tokenizer(out_dir: str, config) -> None:
-    """A word-level tokenizer with one token per embedding row ("w0", "w1", ...; words it does not
-    know map to "<unk>"), the model config's BOS / EOS / PAD / MASK ids named as such. Speed runs
-    only: the text means nothing."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    names = {}
-    for role, text in (("bos", "<|startoftext|>"), ("eos", "<|endoftext|>"), ("pad", "<|pad|>"), ("mask", "<|mask|>")):
-        i = getattr(config, f"{role}_token_id", None)
-        if i is not None and i not in names:
-            names[i] = text
-    unk = next(i for i in range(config.vocab_size) if i not in names)
-    names[unk] = "<unk>"
-    vocab = {names.get(i, f"w{i}"): i for i in range(config.vocab_size)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    roles = {f"{r}_token": names[getattr(config, f"{r}_token_id")] for r in ("bos", "eos", "pad")
-             if getattr(config, f"{r}_token_id", None) is not None}
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", **roles,
-                                  additional_special_tokens=[names[config.mask_token_id]])
-    tok.save_pretrained(out_dir)
