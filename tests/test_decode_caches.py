@@ -310,3 +310,37 @@ def test_a_request_whose_forward_fails_fails_alone(objective, block):
     assert [res[0].tokens, res[2].tokens] == [alone[0].tokens, alone[1].tokens]
     with pytest.raises(RuntimeError, match="poisoned"):
         Decoder(Poisoned(model)).generate([[4, poison]], cfg)
+
+
+def test_block_flags_of_a_batch_equal_the_per_request_checks():
+    """Decoder._block_flags (one host sync per step) gives what _advance computes request by request:
+    whether the decided prefix fixes the output (EOS before the first mask, if stop_at_eos) and
+    whether the current block has open masks; None where stop sequences need the slow check."""
+    import random
+
+    from decode_helpers import EOS, MASK, real_model
+
+    from dlm.decoding.stopping import decided
+
+    rng = random.Random(0)
+    for objective, block in (("mdlm", None), ("bd3lm", 4)):
+        dec = Decoder(real_model(objective, block=block))
+        reqs = []
+        for i in range(40):
+            cfg = DecodeConfig(max_new_tokens=12, block_length=4 if block is None else None,
+                               stop_at_eos=i % 3 != 0, stop=[[7, 8]] if i % 7 == 0 else [])
+            r = dec.new_request([5] * rng.randint(1, 6), cfg, seed=i)
+            r.bi = rng.randrange(len(r.blocks))
+            for p in range(r.P, r.total):  # a canvas with decided tokens, EOS and masks mixed
+                r.canvas[p] = rng.choice([MASK, MASK, EOS, 9, 10])
+            reqs.append(r)
+        flags = dec._block_flags(reqs)
+        for r, f in zip(reqs, flags):
+            if r.config.stop:
+                assert f is None
+                continue
+            lo, hi = r.block
+            want = (decided(r.canvas[r.P : hi].tolist(), r.config, EOS, MASK), bool((r.canvas[lo:hi] == MASK).any()))
+            assert f == want
+        assert any(f == (True, True) for f in flags) and any(f == (False, True) for f in flags)
+        assert any(f is not None and not f[1] for f in flags)

@@ -117,7 +117,9 @@ class Decoder:
         `.result` set and drop their caches. A request whose own work fails (its constraint
         cannot be met, its final check fails, its forward pass fails when run alone) finishes
         with finish_reason "error"; the others step on unaffected."""
-        work = [r for r in reqs if not r.finished and self._guarded(r, self._advance)]
+        live = [r for r in reqs if not r.finished]
+        flags = self._block_flags(live)
+        work = [r for r, f in zip(live, flags) if self._guarded(r, lambda r: self._advance(r, f))]
         if not work:
             return []
         need = []
@@ -165,20 +167,54 @@ class Decoder:
                 self._finish(r, error=e)
             return None
 
-    def _advance(self, r: DecodeRequest) -> bool:
-        """Move past finished blocks; finish the request when it is done. True if it has work."""
+    def _block_flags(self, reqs: list[DecodeRequest]) -> list[Optional[tuple[bool, bool]]]:
+        """For each request, (is its output decided, has its block open masks) for `_advance`'s
+        first look, computed for the whole batch in tensor ops with one host sync (not two per
+        request). None where `_advance` looks itself: stop sequences, or no block left."""
+        idx = [i for i, r in enumerate(reqs) if not r.config.stop and r.bi < len(r.blocks)]
+        out: list = [None] * len(reqs)
+        if not idx:
+            return out
+        mask_id, eos = self.cfg.mask_token_id, self.cfg.eos_token_id
+        rows = [reqs[i] for i in idx]
+        spans = [r.canvas[r.P : r.block[1]] for r in rows]  # the answer up to the block's end
+        ans = torch.nn.utils.rnn.pad_sequence(spans, batch_first=True, padding_value=mask_id)  # (R, L)
+        L = ans.shape[1]
+        cols = torch.arange(L, device=ans.device)
+        big = torch.full_like(ans, L)
+        first_mask = torch.where(ans == mask_id, cols, big).min(1).values
+        first_eos = torch.where(ans == eos, cols, big).min(1).values
+        stop_eos = torch.tensor([r.config.stop_at_eos for r in rows], device=ans.device)
+        decided_ = stop_eos & (first_eos < first_mask)
+        lo = torch.tensor([r.block[0] - r.P for r in rows], device=ans.device)
+        hi = torch.tensor([r.block[1] - r.P for r in rows], device=ans.device)
+        in_block = (cols[None] >= lo[:, None]) & (cols[None] < hi[:, None])
+        open_ = ((ans == mask_id) & in_block).any(1)
+        for i, (d, o) in zip(idx, torch.stack([decided_, open_], 1).tolist()):  # the one sync
+            out[i] = (d, o)
+        return out
+
+    def _advance(self, r: DecodeRequest, first: Optional[tuple[bool, bool]] = None) -> bool:
+        """Move past finished blocks; finish the request when it is done. True if it has work.
+        `first`: (decided, open masks) of the current block, already computed (`_block_flags`)."""
         mask_id = self.cfg.mask_token_id
         while True:
             if r.bi >= len(r.blocks):
                 self._finish(r)
                 return False
             lo, hi = r.block
+            if first is not None:
+                is_decided, has_open = first
+                first = None
+            else:
+                is_decided = decided(r.canvas[r.P : hi].tolist(), r.config, self.cfg.eos_token_id, mask_id)
+                has_open = bool((r.canvas[lo:hi] == mask_id).any())
             # A request whose decided prefix already fixes the output stops, even mid-block:
             # what follows is cut from the output anyway.
-            if decided(r.canvas[r.P : hi].tolist(), r.config, self.cfg.eos_token_id, mask_id):
+            if is_decided:
                 self._finish(r)
                 return False
-            if bool((r.canvas[lo:hi] == mask_id).any()) and r.s_in_block < r.block_steps * 4 + (hi - lo):
+            if has_open and r.s_in_block < r.block_steps * 4 + (hi - lo):
                 return True
             r.bi += 1
             r.s_in_block = 0
