@@ -184,6 +184,10 @@ def main(args) -> dict:
 
     device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = maybe_shard(load_model(args.model, device=device))  # --tensor-parallel: this rank's part
+    if getattr(args, "compile", False):
+        from dlm.runtime import compile_model
+
+        model = compile_model(model)
     tp = getattr(model, "tensor_parallel", 1)
     if tp > 1 and (args.ar_model or getattr(args, "vllm_python", None)):
         raise DLMError("--tensor-parallel splits the diffusion model only; run the AR baselines (--ar-model, "

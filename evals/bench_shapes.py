@@ -132,6 +132,10 @@ def main(args) -> dict:
     model = random_model(args.random_init, args.layers, dtype=dtype, device=device)
     n_params = sum(p.numel() for p in model.parameters())
     model = maybe_shard(model)  # --tensor-parallel: this rank's part
+    if getattr(args, "compile", False):
+        from dlm.runtime import compile_model
+
+        model = compile_model(model)
     tp = getattr(model, "tensor_parallel", 1)
     fam = family_of(model.config)
     console.print(f"{args.random_init}: {n_params / 1e6:.0f}M parameters ({fam.name}, random weights, {dtype}) on "
@@ -147,7 +151,8 @@ def main(args) -> dict:
     report = {"command": "dlm bench decode " + " ".join(sys.argv[3:]), **provenance(), "shape": args.random_init,
               "layers": args.layers, "parameters": n_params, "family": fam.name, "dtype": str(dtype),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}",
-              "threads": torch.get_num_threads(), "tensor_parallel": tp, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
+              "threads": torch.get_num_threads(), "tensor_parallel": tp,
+              "compiled": bool(getattr(args, "compile", False)), "batch_size": args.batch_size, "prompt_len": args.prompt_len,
               "tokens_per_step": args.tokens_per_step, "weight_bytes": weight_bytes,
               "device_copy_bytes_per_s": bandwidth,
               "note": "random weights: every configuration commits a fixed number of tokens per step (confidence "

@@ -66,6 +66,7 @@ class ServerSettings:
     threads: Optional[int] = None  # torch threads per engine rank (default: this process's / ranks)
     tensor_parallel: int = 1  # engine ranks the model is split over (process engine only)
     data_parallel: int = 1  # engine replicas behind this front end (process engine only)
+    compile: bool = False  # the engine's model through torch.compile (dlm.runtime.compile_model)
 
     def engine_spec(self, replica: int = 0) -> EngineSpec:
         """What engine replica `replica` is built from: on GPUs its ranks take the GPUs after the
@@ -83,7 +84,7 @@ class ServerSettings:
                           trust_remote_code=self.trust_remote_code, max_batch=self.max_batch, max_queue=self.max_queue,
                           compile_limits=self.compile_limits, compile_workers=self.compile_workers,
                           threads=threads, tensor_parallel=self.tensor_parallel,
-                          first_gpu=replica * self.tensor_parallel)
+                          first_gpu=replica * self.tensor_parallel, compile=self.compile)
 
 
 def _error_response(e: APIError) -> JSONResponse:

@@ -171,6 +171,7 @@ class EngineSpec:
     threads: Optional[int] = None  # torch threads per rank (default: the parent's count / ranks)
     tensor_parallel: int = 1  # ranks the model is split over (serving/lockstep.py)
     first_gpu: int = 0  # on GPUs rank r takes cuda:(first_gpu + r) (data-parallel replicas: their own GPUs)
+    compile: bool = False  # torch.compile the model (dlm.runtime.compile_model)
 
 
 def build_core(spec: EngineSpec, sink=deliver_to_loops, model=None, tokenizer=None, device=None,
@@ -187,6 +188,10 @@ def build_core(spec: EngineSpec, sink=deliver_to_loops, model=None, tokenizer=No
     if model is None:
         dev = torch.device(device or spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = maybe_shard(load_model(spec.model_dir).to(dev).eval())
+        if spec.compile:
+            from dlm.runtime import compile_model
+
+            model = compile_model(model)
     if tokenizer is None:
         tokenizer = load_server_tokenizer(spec.model_dir, model.config, spec.tokenizer, spec.trust_remote_code)
     check_tokenizer_for_model(tokenizer, model.config, roles=family_of(model.config).format is None)

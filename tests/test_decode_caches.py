@@ -344,3 +344,23 @@ def test_block_flags_of_a_batch_equal_the_per_request_checks():
             assert f == want
         assert any(f == (True, True) for f in flags) and any(f == (False, True) for f in flags)
         assert any(f is not None and not f[1] for f in flags)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_decodes_the_eager_tokens():
+    """--compile (dlm.runtime.compile_model: torch.compile, dynamic shapes): the dual cache's
+    prefix, refresh and block calls of changing lengths give the eager model's tokens."""
+    from decode_helpers import real_model
+
+    from dlm.runtime import compile_model
+
+    cfg = DecodeConfig(max_new_tokens=16, unmask="threshold", threshold=0.3, cache="dual", block_length=8,
+                       temperature=0.0, stop_at_eos=False)
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14]]
+    want = [r.tokens for r in Decoder(real_model("mdlm")).generate(prompts, cfg)]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = compile_model(real_model("mdlm"))
+    assert model.compiled and want == [r.tokens for r in Decoder(model).generate(prompts, cfg)]
+    assert counters["stats"]["unique_graphs"] > 0  # compiled graphs ran, not eager

@@ -62,7 +62,11 @@ def _model_and_tokenizer(args):
 
     from dlm.parallel import maybe_shard
 
+    from dlm.runtime import compile_model
+
     model = maybe_shard(load_model(args.model).to(_device(args.device)).eval())  # --tensor-parallel: this rank's part
+    if getattr(args, "compile", False):
+        model = compile_model(model)
     # the tokenizer beside the model or --tokenizer (a published family's taken as it is)
     tok = load_tokenizer_for(args.model, model.config, tokenizer=args.tokenizer)
     check_tokenizer_for_model(tok, model.config, roles=family_of(model.config).format is None)
@@ -244,6 +248,10 @@ def cmd_serve(args) -> None:
     model = None
     if args.engine == "thread":  # loaded once, handed to the app
         model = load_model(args.model).to(_device(args.device)).eval()
+        if args.compile:
+            from dlm.runtime import compile_model
+
+            model = compile_model(model)
     config = model.config if model is not None else load_config(args.model)  # the engine process loads the weights
     fam = family_of(config)
     # the request defaults (the flags given, else the family's); the temperature of requests
@@ -259,7 +267,7 @@ def cmd_serve(args) -> None:
                               trust_remote_code=args.trust_remote_code, defaults=defaults,
                               default_temperature=args.temperature, default_max_tokens=args.max_tokens,
                               compile_limits=limits, engine=args.engine, tensor_parallel=args.tensor_parallel,
-                              data_parallel=args.data_parallel)
+                              data_parallel=args.data_parallel, compile=args.compile)
     app = create_app(settings, model=model)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"dlm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)

@@ -363,6 +363,9 @@ def _random_init_flags(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="run the model through torch.compile (dynamic shapes; the first steps compile, tens of "
+                        "seconds on a CPU; the same outputs as eager)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N ranks that step together (torch.distributed.tensor.parallel; "
                         "NCCL, one GPU each, or gloo on CPU); heads, KV heads and MLP width must divide by N")
