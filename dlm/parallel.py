@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import sys
 import time
 import traceback
@@ -67,12 +66,6 @@ def shard_model(model, mesh) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------ ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rank() -> Optional[int]:
     """This process's rank when `launch` started it, else None."""
     r = os.environ.get(ENV_RANK)
@@ -145,13 +138,13 @@ def launch(tp: int, fn, *args):
     0's result (its DLMError raised here). Threads: the machine's cores shared among the ranks."""
     import multiprocessing
 
-    from dlm.runtime import default_threads
+    from dlm.runtime import default_threads, free_port
 
     import tempfile
 
     ctx = multiprocessing.get_context("spawn")
     results = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     threads = default_threads(local_ranks=tp)
     logdir = tempfile.mkdtemp(prefix="dlm-tp-")
     procs = [ctx.Process(target=_rank_main, args=(r, tp, port, threads, logdir, fn, args, results), daemon=False)

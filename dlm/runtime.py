@@ -28,6 +28,15 @@ def default_threads(local_ranks: int = 1) -> int:
     return max(1, available_cpus() // max(1, local_ranks) - 1)
 
 
+def free_port() -> int:
+    """A free TCP port on loopback (process groups, local servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def set_threads(threads: Optional[int] = None, local_ranks: int = 1) -> int:
     """Set torch's intra-op threads (`threads`, else the default above); returns the number."""
     import torch

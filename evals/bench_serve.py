@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,12 +25,7 @@ from typing import Optional
 
 from dlm.errors import DLMError
 from dlm.evals import provenance
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dlm.runtime import free_port
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -155,7 +149,7 @@ def main(args) -> None:
     prompts = _prompts(max(64, args.requests), args.seed)
     rows: list[dict] = []
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    port = _free_port()
+    port = free_port()
     serve_args = args.serve_args
     if serve_args is None:
         from dlm.families import family_of
@@ -224,7 +218,7 @@ def _vllm_rows(args, prompts, levels) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="dlm-vllm-"))
     try:
         export_llama(args.ar_model, str(tmp / "llama"))
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp / "llama"),
                "--port", str(port), "--served-model-name", "ar", "--dtype", "float32", "--enforce-eager"]

@@ -30,8 +30,9 @@ from dlm.decoding.config import DecodeConfig
 from dlm.decoding.state import DecodeResult
 from dlm.errors import DLMError
 
-from .engine import EngineSpec, LocalEngine, ProcessEngine, ReplicatedEngine, build_core, load_server_tokenizer
+from .engine import EngineSpec, LocalEngine, ProcessEngine, build_core, load_server_tokenizer
 from .handlers import Plan, Service
+from .replicas import ReplicatedEngine
 from .metrics import Metrics
 from .protocol import (
     APIError,

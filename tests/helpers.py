@@ -19,15 +19,15 @@ def dlm_cli(*args, launcher=None, cwd=None, timeout=300) -> subprocess.Completed
     """Run `python -m dlm.cli ARGS` (or 2 processes under torchrun / the deepspeed launcher)."""
     cmd = [sys.executable, "-m", "dlm.cli", *map(str, args)]
     if launcher == "torchrun2":
-        from dlm.training.distributed import _free_port
+        from dlm.runtime import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "dlm.cli", *map(str, args)]
+               str(free_port()), "-m", "dlm.cli", *map(str, args)]
     elif launcher == "deepspeed2":
-        from dlm.training.distributed import _free_port
+        from dlm.runtime import free_port
 
         runner = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        cmd = [runner, "--num_accelerators", "2", "--master_port", str(_free_port()), "--module", "dlm.cli",
+        cmd = [runner, "--num_accelerators", "2", "--master_port", str(free_port()), "--module", "dlm.cli",
                *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=cwd, timeout=timeout)
 

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from dlm.runtime import free_port
+
 OBJECTIVES = ("ar", "mdlm", "radd")
 
 
@@ -169,7 +171,7 @@ def main(args) -> dict:
     if not args.skip_multiproc:
         # Same global batch on 2 processes: each takes half of it.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(D._free_port()), "-m", "dlm.training.bench", "--size", args.size, "--objective", "mdlm",
+               str(free_port()), "-m", "dlm.training.bench", "--size", args.size, "--objective", "mdlm",
                "--seq-len", str(args.seq_len), "--micro-batch", str(max(1, args.micro_batch // 2)),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--repeats", str(args.repeats)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from dlm.runtime import set_threads
+from dlm.runtime import free_port, set_threads
 
 
 @dataclass
@@ -32,19 +31,13 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup(threads: Optional[int] = None) -> DistInfo:
     """Join (or make) the process group; `threads`: CPU threads of this process (default:
     dlm.runtime.default_threads for the local ranks)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "2 or more give an error estimate)")
     pp.add_argument("--max-batches", type=int, help="score only this many batches (default: all)")
     pp.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
-    pp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _device_flag(pp)
     pp.set_defaults(func=cmd_ppl)
 
     sp = sub.add_parser("sample", help="reference samplers (MDLM ancestral, block-by-block, AR)",
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     sp.add_argument("--seed", type=int, default=0, help="sampling seed")
     sp.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    sp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _device_flag(sp)
     sp.set_defaults(func=cmd_sample)
 
     g = sub.add_parser("generate", help="decode with the fast diffusion decoder (policies as flags)",
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--grammar", help="the output is in this context-free grammar, Lark syntax with a "
                     "`start` rule (inline or @FILE)")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _device_flag(g)
     g.set_defaults(func=cmd_generate)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (batching across requests, streaming)",
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--constraint-cache-mb", type=float, default=1024.0, metavar="MB",
                     help="memory for compiled constraints kept for reuse (default: %(default)s)")
     sv.add_argument("--tokenizer")
-    sv.add_argument("--device")
+    _device_flag(sv)
     cli_flags(sv, "decoding defaults of requests that do not set them",
               exclude=("max_new_tokens", "seed", "stop_at_eos"))
     sv.set_defaults(func=cmd_serve, temperature=1.0)
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "through HF generate. Warm-up, then timed rounds; ratios from one run.")
     _random_init_flags(bd, "a published model's real shape with random weights (speed per cache mode at "
                            "--tokens-per-step; no accuracy)")
-    bd.add_argument("--device", help="cuda / cpu (default: cuda when there is one)")
+    _device_flag(bd)
     bd.add_argument("--prompt-len", type=int, default=64, help="--random-init: prompt tokens")
     _tensor_parallel_flag(bd)
     bd.add_argument("--ar-baseline", action="store_true",
@@ -350,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     bl.set_defaults(func=cmd_bench_load)
     _finish_parsers(p)
     return p
+
+
+def _device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def _random_init_flags(p: argparse.ArgumentParser, what: str) -> None:
