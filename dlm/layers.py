@@ -137,7 +137,7 @@ class Attention(nn.Module):
                 pack=None):
         """memory: optional (states, cos, sin) of other tokens (E2D2's encoder output, already
         normalised) whose keys/values go *before* this sequence's own; queries come from x only.
-        pack: optional `_Pack`: x holds only the valid tokens of a padded (B, L) batch, as one
+        pack: optional `Packing`: x holds only the valid tokens of a padded (B, L) batch, as one
         row (see `DLMModel.forward(query_valid=...)`); attention runs on the padded layout.
         Keys and values keep their own (fewer) heads in caches; attention shares them out."""
         B, L, _ = x.shape
@@ -167,15 +167,31 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
-class _Pack:
+class Packing:
     """The valid tokens of a padded (B, L) batch, packed into one row of T tokens: the per-token
     layers (projections, MLP, norms, rotary) run on the T tokens only, attention on the padded
     layout. A batch whose rows need different lengths (the decoder's batched block steps) then
-    costs its real tokens, not B times its longest row."""
+    costs its real tokens, not B times its longest row.
 
-    def __init__(self, valid: torch.Tensor):
-        self.B, self.L = valid.shape
-        self.index = valid.reshape(-1).nonzero().squeeze(1)
+    `Packing(valid)` from a boolean (B, L) mask finds the tokens on the device (a host sync);
+    `Packing.left_padded(B, L, starts, device)` builds them from host numbers (no sync)."""
+
+    def __init__(self, valid: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None,
+                 shape: Optional[tuple[int, int]] = None):
+        if valid is not None:
+            self.B, self.L = valid.shape
+            self.index = valid.reshape(-1).nonzero().squeeze(1)
+        else:
+            self.B, self.L = shape
+            self.index = index
+
+    @classmethod
+    def left_padded(cls, B: int, L: int, starts: list[int], device) -> "Packing":
+        """Row i's valid tokens are its columns [starts[i], L)."""
+        from dlm.runtime import to_device
+
+        idx = [i * L + j for i, s in enumerate(starts) for j in range(s, L)]
+        return cls(index=to_device(idx, device), shape=(B, L))
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) -> (1, T, ...)."""

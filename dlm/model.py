@@ -43,7 +43,7 @@ from dlm.layers import (  # noqa: F401  (KVCache and the layers are re-exported)
     RMSNorm,
     TimestepEmbedder,
     _is_block_mask,
-    _Pack,
+    Packing,
     make_norm,
     rotary_cos_sin,
 )
@@ -286,11 +286,14 @@ class DLMModel(DLMPreTrainedModel):
         block-causal families (SDAR, Fast-dLLM v2).
         is_causal: causal attention (ignored when an explicit mask is given: put causality in it).
         sigma: (B,) noise level, required iff config.time_conditioning.
-        output_positions: optional boolean (B, L); logits are computed only there and returned
-        flattened as (N, V). Losses use it to skip the LM head where nothing is scored.
-        query_valid: optional boolean (B, L): the tokens that matter; the others (padding) are
-        left out of every per-token layer (their keys are not attended to: the mask must say so;
-        with a cache, their entries hold zeros). Results at valid tokens are unchanged.
+        output_positions: optional boolean (B, L), or a 1-D LongTensor of row-major positions
+        into the flattened (B * L) tokens (into the packed tokens with a `Packing`); logits are
+        computed only there and returned flattened as (N, V). Losses use it to skip the LM head
+        where nothing is scored; the decoder passes indices (a boolean mask costs a host sync).
+        query_valid: optional boolean (B, L), or a `dlm.layers.Packing`: the tokens that matter;
+        the others (padding) are left out of every per-token layer (their keys are not attended
+        to: the mask must say so; with a cache, their entries hold zeros). Results at valid
+        tokens are unchanged.
         Logits at position i are token i's for every family (a late family's are shifted back);
         logit_shift=False gives each position's own output instead (the decoder's cached steps,
         which choose the positions themselves).
@@ -337,7 +340,7 @@ class DLMModel(DLMPreTrainedModel):
             is_causal = False  # one query at the end attends to everything before it
 
         pack = None
-        if query_valid is not None and not bool(query_valid.all()):
+        if isinstance(query_valid, Packing) or (query_valid is not None and not bool(query_valid.all())):
             if self.config.time_conditioning:
                 raise ValueError("query_valid needs a model without time input")
             if attn_mask is None or output_positions is None:
@@ -345,9 +348,9 @@ class DLMModel(DLMPreTrainedModel):
                                  "and output_positions")
             if late:
                 raise ValueError("query_valid needs logit_shift=False (a shift would cross packed rows)")
-            pack = _Pack(query_valid)
+            pack = query_valid if isinstance(query_valid, Packing) else Packing(query_valid)
             input_ids, position_ids = pack.pack(input_ids), pack.pack(position_ids)
-            if output_positions is not None:
+            if output_positions.dtype == torch.bool:
                 output_positions = pack.pack(output_positions)
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -373,12 +376,17 @@ class DLMModel(DLMPreTrainedModel):
         """The hidden states whose logits are token i's: x at i, or at i - 1 for a model whose
         logits come one position late (logit_shift; the first position keeps its own, as the
         reference implementations do). With output_positions, flattened (N, D)."""
-        if not shift:
-            return x if output_positions is None else x[output_positions]
         if output_positions is None:
-            return torch.cat([x[:, :1], x[:, :-1]], dim=1)
-        b, i = output_positions.nonzero(as_tuple=True)
-        return x[b, (i - 1).clamp(min=0)]
+            return torch.cat([x[:, :1], x[:, :-1]], dim=1) if shift else x
+        if output_positions.dtype == torch.bool:
+            if not shift:
+                return x[output_positions]
+            b, i = output_positions.nonzero(as_tuple=True)
+            return x[b, (i - 1).clamp(min=0)]
+        idx = output_positions  # row-major positions into (B * L)
+        if shift:
+            idx = torch.where(idx % x.shape[1] == 0, idx, idx - 1)
+        return x.reshape(-1, x.shape[-1]).index_select(0, idx)
 
 
     def encode(self, input_ids, attn_mask=None, position_ids=None, cache: Optional[KVCache] = None):
@@ -416,8 +424,8 @@ class DLMModel(DLMPreTrainedModel):
         for layer in self.decoder_layers:
             x = layer(x, cos, sin, attn_mask, False, None, None, (memory_states, mcos, msin))
         x = self.norm(x)
-        if output_positions is not None:
-            x = x[output_positions]
+        if output_positions is not None:  # a boolean mask or row-major indices, as in forward
+            x = self._at_outputs(x, output_positions, False)
         return DLMOutput(logits=self.lm_head(x))
 
 

@@ -241,10 +241,15 @@ class BD3LM(MDLM):
         return masked_nll(logits, input_ids[masked], self.mask_id) * weight, masked, scored
 
     def masked_logits(self, model, x0, xt, attention_mask, masked):
+        """Logits at `masked` (boolean (B, L), or row-major indices into (B * L): no host sync)
+        of the noisy half of [xt ; x0] under the block mask, flattened."""
         B, L = x0.shape
         pos = torch.arange(L, device=x0.device)
         am = None if attention_mask is None else torch.cat([attention_mask, attention_mask], dim=1)
-        out_pos = torch.cat([masked, torch.zeros_like(masked)], dim=1)
+        if masked.dtype == torch.bool:
+            out_pos = torch.cat([masked, torch.zeros_like(masked)], dim=1)
+        else:  # the same positions in the rows of 2L
+            out_pos = masked // L * (2 * L) + masked % L
         if am is None and use_flex(self.backend, x0.device):
             mask = bd3_flex_mask(L, self.block, x0.device)
         else:

@@ -57,3 +57,18 @@ def compile_model(model):
     model.forward = torch.compile(model.forward, dynamic=True)
     model.compiled = True
     return model
+
+
+def to_device(values, device, dtype=None):
+    """Host values (a list, nested lists) as a tensor on `device` without stalling the host: on
+    CUDA through pinned memory with a non-blocking copy (a plain `torch.tensor(..., device=cuda)`
+    waits for the copy, and so for every kernel queued before it)."""
+    import torch
+
+    t = torch.tensor(values, dtype=dtype if dtype is not None else torch.long)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

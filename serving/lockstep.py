@@ -35,8 +35,8 @@ def _state(reqs) -> tuple[dict, list]:
     for r in reqs:
         if r.finished:
             done.append(r.tp_key)
-        elif hasattr(r, "canvas"):
-            sync[r.tp_key] = (r.canvas.cpu(), r.changed)
+        elif hasattr(r, "host"):
+            sync[r.tp_key] = (r.host, r.changed)
     return sync, done
 
 
@@ -109,12 +109,14 @@ class Follower:
 
             token_top_logprobs(core.model, msg[1], msg[2], start=msg[3])
             return True
+        import torch
+
         (sync, done), new, gone, keys = msg[1:]
-        for key, (canvas, changed) in sync.items():  # rank 0's state first
+        for key, (host, changed) in sync.items():  # rank 0's state first
             r = reqs.get(key)
             if r is not None and not r.finished:
-                r.canvas.copy_(canvas.to(r.canvas.device))
-                r.changed = changed
+                r.canvas.copy_(torch.tensor(host, device=r.canvas.device))
+                r.host, r.changed = list(host), changed
         for key in done + list(gone):
             r = reqs.pop(key, None)
             if r is not None:

@@ -34,8 +34,9 @@ class KnownModel(torch.nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1])[None].expand(input_ids.shape[0], -1)
         logits = self.table[position_ids]
-        if kw.get("output_positions") is not None:  # like DLMModel: only there, flattened
-            logits = logits[kw["output_positions"]]
+        out = kw.get("output_positions")
+        if out is not None:  # like DLMModel: only there, flattened (a boolean mask or row-major indices)
+            logits = logits[out] if out.dtype == torch.bool else logits.reshape(-1, logits.shape[-1])[out]
         return type("Out", (), {"logits": logits})()
 
 

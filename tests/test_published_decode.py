@@ -41,6 +41,7 @@ def _requests(dec, canvases, prompt_lens, config):
     for row, P in zip(canvases, prompt_lens):
         r = dec.new_request(row[off:P].tolist(), dataclasses.replace(config, max_new_tokens=len(row) - P))
         r.canvas[:] = row
+        r.host = row.tolist()  # the decoder's host copy of the canvas
         reqs.append(r)
     return reqs
 

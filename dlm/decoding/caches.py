@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 
 from dlm.decoding.state import ApproxCacheState, BlockExactState, EncoderExactState, NoCacheState
+from dlm.layers import Packing
+from dlm.runtime import to_device
 
 
 class CacheBackend:
@@ -131,14 +133,13 @@ def full_forward(decoder, group: list) -> None:
     for i, r in enumerate(group):
         canvas[i, L - r.total :] = r.canvas
         positions[i, L - r.total :] = torch.arange(r.total, device=dev)
-    am = (positions >= 0).long()
+    padded = any(r.total != L for r in group)  # known on the host: no device check
+    key_ok = (positions >= 0)[:, None, None, :] if padded else None  # every row has real keys
     refresh = any(isinstance(r.cache, ApproxCacheState) for r in group)
     kv = KVCache(cfg.num_hidden_layers) if refresh else None
     # the LM head only where logits are read: from each request's current block on
-    out = torch.zeros_like(canvas, dtype=torch.bool)
-    for i, r in enumerate(group):
-        out[i, L - r.total + r.block[0] :] = True
-    flat = decoder.model(canvas, attention_mask=None if bool(am.all()) else am, position_ids=positions.clamp(min=0),
+    out = to_device([i * L + j for i, r in enumerate(group) for j in range(L - r.total + r.block[0], L)], dev)
+    flat = decoder.model(canvas, attn_mask=key_ok, position_ids=positions.clamp(min=0),
                          cache=kv, sigma=decoder.sigma(group), output_positions=out).logits
     parts = flat.split([r.total - r.block[0] for r in group])
     for i, r in enumerate(group):
@@ -177,13 +178,14 @@ def view_forward(decoder, group: list, width: int) -> None:
     batch.commit = False
     batch.k = [left_pad_cat([v[0][layer] for v in views], M) for layer in range(cfg.num_hidden_layers)]
     batch.v = [left_pad_cat([v[1][layer] for v in views], M) for layer in range(cfg.num_hidden_layers)]
-    key_am = torch.zeros(len(group), M + width, dtype=torch.long, device=dev)
-    for i, n in enumerate(lk):
-        key_am[i, M - n :] = 1
+    key_ok = None
+    if any(n != M for n in lk):  # known on the host: no device check
+        key_ok = torch.arange(M + width, device=dev)[None] >= (M - to_device(lk, dev))[:, None]
+        key_ok = key_ok[:, None, None, :]
     los = [r.block[0] - lead for r in group]
     ids = torch.stack([r.canvas[lo : lo + width] for r, lo in zip(group, los)])
     pos = torch.stack([torch.arange(lo, lo + width, device=dev) for lo in los])
-    out = decoder.model(ids, attention_mask=None if bool(key_am.all()) else key_am, position_ids=pos,
+    out = decoder.model(ids, attn_mask=key_ok, position_ids=pos,
                         cache=batch, sigma=decoder.sigma(group), logit_shift=False)
     for i, r in enumerate(group):
         r.logits = out.logits[i, : width - lead]
@@ -192,9 +194,8 @@ def view_forward(decoder, group: list, width: int) -> None:
 def block_full_forward(decoder, group: list, total: int) -> None:
     """Block-causal models without a cache: the canvas through the block mask."""
     canvas = torch.stack([r.canvas for r in group])
-    out = torch.zeros_like(canvas, dtype=torch.bool)
-    for i, r in enumerate(group):
-        out[i, r.block[0] :] = True  # the LM head only from the current block on
+    # the LM head only from the current block on
+    out = to_device([i * total + j for i, r in enumerate(group) for j in range(r.block[0], total)], decoder.device)
     flat = decoder.objective.masked_logits(decoder.model, canvas, canvas, None, out)
     for r, part in zip(group, flat.split([r.total - r.block[0] for r in group])):
         r.logits = part
@@ -221,35 +222,42 @@ def block_exact_forward(decoder, group: list) -> None:
     Lq = C + bs
     ids = torch.nn.utils.rnn.pad_sequence([r.canvas[d : b + bs] for r, b, d in zip(group, b0s, dones)],
                                           batch_first=True, padding_value=cfg.mask_token_id, padding_side="left")
+    # the per-request numbers go to the device in one copy (no host sync in the step)
+    slots = [r.cache.slot if r.cache.slot is not None else 0 for r in group]
+    meta = to_device([cs, b0s, dones, slots], dev)
     col = torch.arange(Lq, device=dev)[None]
-    valid_q = col >= (C - torch.tensor(cs, device=dev))[:, None]  # left padding of the clean part
-    pos = (torch.tensor(b0s, device=dev)[:, None] + bs - Lq + col).masked_fill(~valid_q, 0)
+    valid_q = col >= (C - meta[0])[:, None]  # left padding of the clean part
+    pos = (meta[1][:, None] + bs - Lq + col).masked_fill(~valid_q, 0)
     q_blk = (pos // bs).masked_fill(~valid_q, -1)  # block index of each query (-1: pad)
     # keys: cache part (all valid entries precede every query), then the queries themselves;
     # slab rows hold a request's prefix at [0, done)
-    cache_ok = torch.arange(M, device=dev)[None] < torch.tensor(dones, device=dev)[:, None]
+    cache_ok = torch.arange(M, device=dev)[None] < meta[2][:, None]
     qk = (q_blk[:, None, :] <= q_blk[:, :, None]) & valid_q[:, None, :] & valid_q[:, :, None]
     qk |= torch.eye(Lq, dtype=torch.bool, device=dev)[None]  # pad queries see themselves
     mask = torch.cat([cache_ok[:, None, :].expand(R, Lq, M) & valid_q[:, :, None], qk], dim=-1)[:, None]
     if M:  # the cached prefixes, gathered into tensors with room for this call's K/V
-        slots = [r.cache.slot if r.cache.slot is not None else 0 for r in group]
-        batch = KVCache.preallocated(*slab.gather(slots, M, dev, room=Lq), M)
+        batch = KVCache.preallocated(*slab.gather(meta[3], M, room=Lq), M)
     else:
         batch = KVCache(cfg.num_hidden_layers)
-    lead = cfg.logit_shift  # logits one position late (Fast-dLLM v2): each is the output of the column before
-    out = torch.zeros(R, Lq, dtype=torch.bool, device=dev)
-    if not lead:
-        out[:, C:] = True  # the LM head on the noisy blocks only
-    else:  # the block's columns but its last, and the last clean column before it where c > 0
-        out[:, C : Lq - 1] = True
-        if C:
-            out[:, C - 1] = valid_q[:, C - 1]
     # rows of different lengths (a request that just finished a block, or a new one with its
     # prompt, among requests that only step): padding stays out of the per-token layers
-    logits = decoder.model(ids, position_ids=pos, attn_mask=mask, cache=batch, output_positions=out,
-                           query_valid=valid_q if C else None, logit_shift=False).logits
+    starts = [C - c for c in cs]
+    packed = any(starts)
+    pack = Packing.left_padded(R, Lq, starts, dev) if packed else None
+    # the LM head on the noisy blocks only; a family whose logits come one position late
+    # (Fast-dLLM v2) reads each from the column before: the block's columns but its last, and
+    # the last clean column before it where c > 0
+    lead = cfg.logit_shift
+    cols = [([C - 1] if lead and c else []) + list(range(C, Lq - lead)) for c in cs]
+    offset, out = 0, []
+    for i, (st, cl) in enumerate(zip(starts, cols)):
+        base = offset - st if packed else i * Lq
+        out += [base + j for j in cl]
+        offset += Lq - st
+    logits = decoder.model(ids, position_ids=pos, attn_mask=mask, cache=batch, output_positions=to_device(out, dev),
+                           query_valid=pack, logit_shift=False).logits
     if lead:
-        logits = _with_carry(group, logits, out, cs, bs)
+        logits = _with_carry(group, logits, [len(cl) for cl in cols], bs)
     logits = logits.view(R, bs, -1)
     for i, (r, b, d, c) in enumerate(zip(group, b0s, dones, cs)):
         if c:
@@ -262,15 +270,14 @@ def block_exact_forward(decoder, group: list) -> None:
         r.logits = logits[i, lo - b : hi - b]
 
 
-def _with_carry(group, flat, out, cs, bs):
+def _with_carry(group, flat, rows, bs):
     """Late logits (lead 1) on the exact cache: per request, the block's first row comes from the
     last clean column before it, computed in the call that made it clean (kept as the carry,
     exact: a clean column sees clean columns only); the other rows from the block's own
-    columns. Returns (R * bs, V) in block order."""
-    rows = out.sum(1).tolist()
+    columns. `rows`: how many rows of `flat` each request has. Returns (R * bs, V) in block order."""
     parts = list(flat.split(rows))
     res = []
-    for r, part, c in zip(group, parts, cs):
+    for r, part in zip(group, parts):
         if part.shape[0] == bs:  # this call holds the last clean column (c > 0): keep its row
             r.cache.carry = part[0]
             res.append(part)
@@ -299,7 +306,7 @@ def encoder_exact_forward(decoder, group: list) -> None:
             mem[i, M - b :] = r.cache.memory[0]
             mem_pos[i, M - b :] = torch.arange(b, device=dev)
     attn = None
-    if not bool(key_ok.all()):
+    if any(b != M for b in b0s):  # known on the host: no device check
         attn = torch.cat([key_ok[:, None, None, :].expand(-1, 1, bs, -1),
                           torch.ones(len(group), 1, bs, bs, dtype=torch.bool, device=dev)], dim=-1)
     logits = decoder.model.decode(ids, mem, mem_pos, attn_mask=attn, position_ids=pos).logits
@@ -404,14 +411,13 @@ class KVSlab:
             self.k[layer][slot, :, start : start + n] = ks[layer][0]
             self.v[layer][slot, :, start : start + n] = vs[layer][0]
 
-    def gather(self, slots: list[int], length: int, device, room: int = 0) -> tuple[list, list]:
-        """Per layer, the slots' first `length` entries as (R, H, length + room, D); the last
-        `room` entries are uninitialised."""
-        idx = torch.tensor(slots, dtype=torch.long, device=device)
+    def gather(self, idx: torch.Tensor, length: int, room: int = 0) -> tuple[list, list]:
+        """Per layer, the first `length` entries of the slots `idx` (a long tensor on the slab's
+        device) as (R, H, length + room, D); the last `room` entries are uninitialised."""
         out = ([], [])
         for src, dst in ((self.k, out[0]), (self.v, out[1])):
             for t in src:
-                buf = t.new_empty(len(slots), t.shape[1], length + room, t.shape[3])
+                buf = t.new_empty(idx.numel(), t.shape[1], length + room, t.shape[3])
                 torch.index_select(t[:, :, :length], 0, idx, out=buf[:, :, :length])
                 dst.append(buf)
         return out

@@ -117,9 +117,7 @@ class Decoder:
         `.result` set and drop their caches. A request whose own work fails (its constraint
         cannot be met, its final check fails, its forward pass fails when run alone) finishes
         with finish_reason "error"; the others step on unaffected."""
-        live = [r for r in reqs if not r.finished]
-        flags = self._block_flags(live)
-        work = [r for r, f in zip(live, flags) if self._guarded(r, lambda r: self._advance(r, f))]
+        work = [r for r in reqs if not r.finished and self._guarded(r, self._advance)]
         if not work:
             return []
         need = []
@@ -139,7 +137,7 @@ class Decoder:
             work = [r for r in work if not r.finished]
         fast = [r for r in work if Threshold.batchable(r)]
         batched = set()
-        if len(fast) > 1:
+        if fast:
             try:
                 Threshold.commit_batched(fast, self.cfg.mask_token_id)
                 batched = {id(r) for r in fast}
@@ -149,6 +147,7 @@ class Decoder:
             r.prev_logits = r.logits
             if id(r) not in batched:
                 self._guarded(r, self._commit)
+        self._to_host(work)
         return work
 
     def cancel(self, req: DecodeRequest) -> None:
@@ -167,61 +166,42 @@ class Decoder:
                 self._finish(r, error=e)
             return None
 
-    def _block_flags(self, reqs: list[DecodeRequest]) -> list[Optional[tuple[bool, bool]]]:
-        """For each request, (is its output decided, has its block open masks) for `_advance`'s
-        first look, computed for the whole batch in tensor ops with one host sync (not two per
-        request). None where `_advance` looks itself: stop sequences, or no block left."""
-        idx = [i for i, r in enumerate(reqs) if not r.config.stop and r.bi < len(r.blocks)]
-        out: list = [None] * len(reqs)
-        if not idx:
-            return out
-        mask_id, eos = self.cfg.mask_token_id, self.cfg.eos_token_id
-        rows = [reqs[i] for i in idx]
-        spans = [r.canvas[r.P : r.block[1]] for r in rows]  # the answer up to the block's end
-        ans = torch.nn.utils.rnn.pad_sequence(spans, batch_first=True, padding_value=mask_id)  # (R, L)
-        L = ans.shape[1]
-        cols = torch.arange(L, device=ans.device)
-        big = torch.full_like(ans, L)
-        first_mask = torch.where(ans == mask_id, cols, big).min(1).values
-        first_eos = torch.where(ans == eos, cols, big).min(1).values
-        stop_eos = torch.tensor([r.config.stop_at_eos for r in rows], device=ans.device)
-        decided_ = stop_eos & (first_eos < first_mask)
-        lo = torch.tensor([r.block[0] - r.P for r in rows], device=ans.device)
-        hi = torch.tensor([r.block[1] - r.P for r in rows], device=ans.device)
-        in_block = (cols[None] >= lo[:, None]) & (cols[None] < hi[:, None])
-        open_ = ((ans == mask_id) & in_block).any(1)
-        for i, (d, o) in zip(idx, torch.stack([decided_, open_], 1).tolist()):  # the one sync
-            out[i] = (d, o)
-        return out
+    def _to_host(self, reqs: list[DecodeRequest]) -> None:
+        """The step's one host sync: the stepped requests' canvases copied to the host at once
+        (`r.host`), which the next step's checks, streaming (`answer`) and the result read.
+        `r.changed`: did this step change the canvas (commits, or an early-commit fill)."""
+        reqs = [r for r in reqs if not r.finished]
+        if not reqs:
+            return
+        flat = torch.cat([r.canvas for r in reqs]).tolist()
+        i = 0
+        for r in reqs:
+            new = flat[i : i + r.total]
+            i += r.total
+            r.changed, r.host = new != r.host, new
 
-    def _advance(self, r: DecodeRequest, first: Optional[tuple[bool, bool]] = None) -> bool:
+    def _advance(self, r: DecodeRequest) -> bool:
         """Move past finished blocks; finish the request when it is done. True if it has work.
-        `first`: (decided, open masks) of the current block, already computed (`_block_flags`)."""
+        Reads the host copy of the canvas (no device sync)."""
         mask_id = self.cfg.mask_token_id
         while True:
             if r.bi >= len(r.blocks):
                 self._finish(r)
                 return False
             lo, hi = r.block
-            if first is not None:
-                is_decided, has_open = first
-                first = None
-            else:
-                is_decided = decided(r.canvas[r.P : hi].tolist(), r.config, self.cfg.eos_token_id, mask_id)
-                has_open = bool((r.canvas[lo:hi] == mask_id).any())
             # A request whose decided prefix already fixes the output stops, even mid-block:
             # what follows is cut from the output anyway.
-            if is_decided:
+            if decided(r.host[r.P : hi], r.config, self.cfg.eos_token_id, mask_id):
                 self._finish(r)
                 return False
-            if has_open and r.s_in_block < r.block_steps * 4 + (hi - lo):
+            if mask_id in r.host[lo:hi] and r.s_in_block < r.block_steps * 4 + (hi - lo):
                 return True
             r.bi += 1
             r.s_in_block = 0
             r.changed, r.prev_logits = True, None
 
     def _finish(self, r: DecodeRequest, error: Optional[BaseException] = None) -> None:
-        gen = r.canvas[r.P : r.P + r.N].tolist()
+        gen = r.host[r.P : r.P + r.N]
         out, reason = cut_output(gen, r.config, self.cfg.eos_token_id)
         if r.cancelled:
             reason = "cancelled"
@@ -251,8 +231,7 @@ class Decoder:
         lo, hi = r.block
         canvas = r.canvas
         logits = r.logits  # (W, V): canvas columns [lo, lo + W)
-        region = canvas[lo:hi].clone()
-        cols = (region == mask_id).nonzero(as_tuple=True)[0]
+        cols = (canvas[lo:hi] == mask_id).nonzero(as_tuple=True)[0]
         r.step_i += 1
         blk_logits = logits[cols]
         rows = torch.zeros(cols.numel(), dtype=torch.long)
@@ -279,7 +258,6 @@ class Decoder:
         commit, tokens = chooser.assign(rows, (lo + cols).cpu(), decision.commit, tokens, view)
         if bool(commit.any()):
             canvas[lo + cols[commit.to(cols.device)]] = tokens[commit].to(canvas.device)
-        r.changed = bool((canvas[lo:hi] != region).any())  # commits or an early-commit fill
         r.s_in_block += 1
 
     # -------------------------------------------------------------- network (batched)

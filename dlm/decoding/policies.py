@@ -173,30 +173,30 @@ class Threshold(UnmaskPolicy):
     def commit_batched(reqs, mask_id: int) -> None:
         """Many batchable requests' commits at once: the same float64 softmax, argmax and
         threshold decisions (ties included) as one request at a time, in a few tensor ops and
-        one host sync for the whole batch (which requests changed)."""
+        no host sync (the decoder reads what changed from its one copy per step)."""
         import torch
+
+        from dlm.runtime import to_device
 
         spans = [r.block for r in reqs]
         blocks = [r.canvas[lo:hi] for r, (lo, hi) in zip(reqs, spans)]
         region = torch.nn.utils.rnn.pad_sequence(blocks, batch_first=True, padding_value=-1)  # (R, W)
-        logits = torch.nn.utils.rnn.pad_sequence([r.logits[: b.numel()] for r, b in zip(reqs, blocks)],
+        logits = torch.nn.utils.rnn.pad_sequence([r.logits[: hi - lo] for r, (lo, hi) in zip(reqs, spans)],
                                                  batch_first=True).double()
         logits[..., mask_id] = float("-inf")
         tokens = logits.argmax(-1)
         conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
         open_ = region == mask_id
         conf = conf.masked_fill(~open_, -1.0)
-        tau = torch.tensor([r.policy.tau for r in reqs], dtype=conf.dtype, device=conf.device)
+        tau = to_device([r.policy.tau for r in reqs], conf.device, conf.dtype)
         sel = conf >= tau[:, None]
         cols = torch.arange(sel.shape[1], device=sel.device)
         sel |= ~sel.any(1, keepdim=True) & (cols[None] == conf.argmax(1, keepdim=True))  # at least the best
         sel &= open_
         new = torch.where(sel, tokens.to(region.dtype), region)
-        changed = sel.any(1).tolist()  # the one sync
-        for r, (lo, hi), row, ch in zip(reqs, spans, new, changed):
-            r.canvas[lo:hi] = row[: hi - lo].to(r.canvas.device)
+        for r, (lo, hi), row in zip(reqs, spans, new):
+            r.canvas[lo:hi] = row[: hi - lo]
             r.step_i += 1
-            r.changed = ch
             r.s_in_block += 1
 
 

@@ -82,8 +82,10 @@ class DecodeRequest:
             bs = config.block_length or N
             self.blocks = [(P + i * bs, P + (i + 1) * bs) for i in range(math.ceil(N / bs))]
         self.P, self.N, self.total, self.gen_len = P, N, total, total - P
-        self.canvas = torch.full((total,), cfg.mask_token_id, dtype=torch.long, device=decoder.device)
-        self.canvas[:P] = torch.tensor(prefix, device=decoder.device)
+        # the canvas on the model's device, and its copy on the host as of the last step's end
+        # (the decoder's one sync per step: its checks, streaming and `changed` read the copy)
+        self.host = list(prefix) + [cfg.mask_token_id] * (total - P)
+        self.canvas = torch.tensor(self.host, dtype=torch.long, device=decoder.device)
         self.gen = torch.Generator().manual_seed(int(seed) % 2**64)  # any int: torch takes [0, 2^64)
         self.steps_total = config.steps or self.gen_len  # fixed-k policies: spread over blocks
         self.bi, self.s_in_block, self.step_i = 0, 0, 0
@@ -105,5 +107,5 @@ class DecodeRequest:
         return max(1, round(self.steps_total * (hi - lo) / self.gen_len))
 
     def answer(self) -> list[int]:
-        """The answer region (MASK where still undecided)."""
-        return self.canvas[self.P : self.P + self.N].tolist()
+        """The answer region (MASK where still undecided), as of the last step."""
+        return self.host[self.P : self.P + self.N]
