@@ -47,15 +47,28 @@ def set_threads(threads: Optional[int] = None, local_ranks: int = 1) -> int:
     return n
 
 
-def compile_model(model):
-    """`--compile`: the model's forward through torch.compile (dynamic shapes, so the decoder's
-    changing step lengths reuse one graph). The first calls compile (tens of seconds on a CPU);
-    outputs equal eager's (tested on the decoder's tokens). Not yet CUDA graphs: the step shapes
-    are not bucketed."""
+def compile_model(model, graphs: Optional[bool] = None):
+    """`--compile`: the model's forward through torch.compile with dynamic shapes (the decoder's
+    changing step lengths reuse one graph; the first calls compile, tens of seconds on a CPU;
+    outputs equal eager's, tested on the decoder's tokens). With `graphs` (default: on CUDA) also
+    `model.graph_forward`, compiled for CUDA graphs (mode "reduce-overhead", static shapes), which
+    the exact cache's block steps call in bucketed shapes (`model.static_shapes`: a few graphs,
+    captured once each, then replayed with one launch per step)."""
     import torch
 
-    model.forward = torch.compile(model.forward, dynamic=True)
+    eager = model.forward
+    model.forward = torch.compile(eager, dynamic=True)
     model.compiled = True
+    if graphs is None:
+        graphs = next(model.parameters()).device.type == "cuda"
+    if graphs:
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 256))  # one graph per bucket
+        model.graph_forward = torch.compile(eager, mode="reduce-overhead", dynamic=False)
+        model.static_shapes = True
     return model
 
 

@@ -64,3 +64,48 @@ def test_cuda_flex_attention_matches_dense_block_masks():
     outs[1].float().logsumexp(-1).sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def _steps_with_sync_warnings(dec, prompts, cfg):
+    """Each step's count of synchronizing CUDA calls (torch.cuda.set_sync_debug_mode)."""
+    import warnings
+
+    reqs = [dec.new_request(p, cfg, seed=i) for i, p in enumerate(prompts)]
+    counts = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        while True:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                stepped = dec.step(reqs)
+            if not stepped:
+                break
+            counts.append(sum("synchronizing" in str(w.message) for w in caught))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return reqs, counts
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cuda_greedy_threshold_step_syncs_once(static):
+    """The GPU-grade step: on the greedy threshold path with the exact cache, one synchronizing
+    call per step (the canvases to the host), dynamic or bucketed shapes."""
+    model = real_model("bd3lm", block=4).to("cuda")
+    cfg = DecodeConfig(max_new_tokens=16, unmask="threshold", threshold=0.3, cache="exact", stop_at_eos=False)
+    _, counts = _steps_with_sync_warnings(Decoder(model, static_shapes=static), PROMPTS, cfg)
+    assert counts and max(counts) <= 1, counts
+
+
+def test_cuda_graphs_decode_the_eager_tokens():
+    """--compile on CUDA: the exact cache's block steps replay CUDA graphs (torch.compile
+    "reduce-overhead", bucketed shapes) and give the eager tokens."""
+    from dlm.runtime import compile_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = DecodeConfig(max_new_tokens=16, unmask="threshold", threshold=0.3, cache="exact", stop_at_eos=False)
+    want = [r.tokens for r in Decoder(real_model("bd3lm", block=4).to("cuda")).generate(PROMPTS, cfg)]
+    model = compile_model(real_model("bd3lm", block=4).to("cuda"))
+    dec = Decoder(model)
+    assert dec.static_shapes
+    for _ in range(2):  # the first run captures, the second replays
+        assert [r.tokens for r in dec.generate(PROMPTS, cfg)] == want

@@ -408,3 +408,61 @@ def test_a_compiled_model_decodes_the_eager_tokens():
     model = compile_model(real_model("mdlm"))
     assert model.compiled and want == [r.tokens for r in Decoder(model).generate(prompts, cfg)]
     assert counters["stats"]["unique_graphs"] > 0  # compiled graphs ran, not eager
+
+
+@pytest.mark.slow
+def test_a_model_compiled_for_graphs_decodes_the_eager_tokens():
+    """compile_model(graphs=True) (on CUDA by default: CUDA graphs): the exact cache's block steps
+    go through `graph_forward` in bucketed shapes and give the eager model's tokens."""
+    from dlm.runtime import compile_model
+
+    cfg = DecodeConfig(max_new_tokens=8, unmask="threshold", threshold=0.3, cache="exact", stop_at_eos=False)
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    want = [r.tokens for r in Decoder(real_model("bd3lm", 4, seed=1)).generate(prompts, cfg)]
+    model = compile_model(real_model("bd3lm", 4, seed=1), graphs=True)
+    calls = []
+    graph = model.graph_forward
+    model.graph_forward = lambda *a, **kw: calls.append(1) or graph(*a, **kw)
+    dec = Decoder(model)
+    assert dec.static_shapes and want == [r.tokens for r in dec.generate(prompts, cfg)]
+    assert calls
+
+
+def test_bucket_sizes():
+    from dlm.decoding.caches import bucket
+
+    assert [bucket(n) for n in (0, 1, 2, 3, 5, 16, 17)] == [0, 1, 2, 4, 8, 16, 32]
+    assert [bucket(n, 64) for n in (0, 1, 64, 65, 130, 300)] == [0, 64, 64, 128, 256, 512]
+    assert [bucket(n, 4) for n in (0, 3, 4, 9)] == [0, 4, 4, 16]
+
+
+@pytest.mark.parametrize("kind", ["bd3lm", "fast_dllm_v2"])
+def test_static_shapes_decode_the_same_tokens(kind, tmp_path):
+    """The exact cache's block steps in bucketed shapes (padded rows, cache and clean lengths;
+    what CUDA graphs capture) give the dynamic steps' tokens, with requests joining mid-way, and
+    the shapes the network saw are a few buckets."""
+    if kind == "fast_dllm_v2":
+        from published import write_qwen
+
+        from dlm import load_model
+
+        write_qwen(str(tmp_path), "fast_dllm_v2", seed=7)
+        model = load_model(str(tmp_path))
+        model.config.mask_token_id = 93
+    else:
+        model = real_model(kind, 4, seed=1)
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args, kw: shapes.append((tuple(args[0].shape), kw["cache"].length)),
+                                    with_kwargs=True)
+    config = DecodeConfig(max_new_tokens=12, unmask="threshold", threshold=0.3, cache="exact", stop_at_eos=False)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [21, 22, 23], [24]]
+    want, _ = _count_syncs(Decoder(model, static_shapes=False), prompts, config)
+    n_dynamic = len(set(shapes))
+    shapes.clear()
+    got, per_step = _count_syncs(Decoder(model, static_shapes=True), prompts, config)
+    assert [r.result.tokens for r in got] == [r.result.tokens for r in want]
+    assert all(calls == ["tolist"] for calls in per_step)
+    bs = model.config.block_size
+    for (rows, width), cached in shapes:
+        assert rows in (1, 2, 4, 8) and (width - bs) in (0, bs, 2 * bs, 4 * bs) and cached in (0, 64, 128), (rows, width, cached)
+    assert len(set(shapes)) <= n_dynamic and any(w > bs for (_, w), _ in shapes) and any(r > 1 for (r, _), _ in shapes)

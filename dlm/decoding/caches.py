@@ -218,15 +218,25 @@ def block_exact_forward(decoder, group: list) -> None:
     b0s = [(r.block[0] // bs) * bs for r in group]
     dones = [r.cache.clean_len for r in group]
     cs = [b - d for b, d in zip(b0s, dones)]
-    M, C = max(dones), max(cs)
-    Lq = C + bs
-    ids = torch.nn.utils.rnn.pad_sequence([r.canvas[d : b + bs] for r, b, d in zip(group, b0s, dones)],
-                                          batch_first=True, padding_value=cfg.mask_token_id, padding_side="left")
-    # the per-request numbers go to the device in one copy (no host sync in the step)
     slots = [r.cache.slot if r.cache.slot is not None else 0 for r in group]
-    meta = to_device([cs, b0s, dones, slots], dev)
+    M, C = max(dones), max(cs)
+    static = decoder.static_shapes
+    if static:  # bucketed shapes (a few graphs to capture): pad rows, cache and clean lengths
+        Rb, M, C = bucket(R), bucket(M, 64), bucket(C, bs)
+        slab.reserve(M)
+        pad = Rb - R
+        b0s_, dones_, cs_, slots_ = b0s + [0] * pad, dones + [0] * pad, cs + [0] * pad, slots + [0] * pad
+    else:
+        Rb, b0s_, dones_, cs_, slots_ = R, b0s, dones, cs, slots
+    Lq = C + bs
+    rows = [r.canvas[d : b + bs] for r, b, d in zip(group, b0s, dones)] + [group[0].canvas[:0]] * (Rb - R)
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=cfg.mask_token_id, padding_side="left")
+    if ids.shape[1] < Lq:
+        ids = torch.nn.functional.pad(ids, (Lq - ids.shape[1], 0), value=cfg.mask_token_id)
+    # the per-request numbers go to the device in one copy (no host sync in the step)
+    meta = to_device([cs_, b0s_, dones_, slots_, [1] * R + [0] * (Rb - R)], dev)
     col = torch.arange(Lq, device=dev)[None]
-    valid_q = col >= (C - meta[0])[:, None]  # left padding of the clean part
+    valid_q = (col >= (C - meta[0])[:, None]) & meta[4][:, None].bool()  # left padding; pad rows
     pos = (meta[1][:, None] + bs - Lq + col).masked_fill(~valid_q, 0)
     q_blk = (pos // bs).masked_fill(~valid_q, -1)  # block index of each query (-1: pad)
     # keys: cache part (all valid entries precede every query), then the queries themselves;
@@ -234,30 +244,37 @@ def block_exact_forward(decoder, group: list) -> None:
     cache_ok = torch.arange(M, device=dev)[None] < meta[2][:, None]
     qk = (q_blk[:, None, :] <= q_blk[:, :, None]) & valid_q[:, None, :] & valid_q[:, :, None]
     qk |= torch.eye(Lq, dtype=torch.bool, device=dev)[None]  # pad queries see themselves
-    mask = torch.cat([cache_ok[:, None, :].expand(R, Lq, M) & valid_q[:, :, None], qk], dim=-1)[:, None]
-    if M:  # the cached prefixes, gathered into tensors with room for this call's K/V
+    mask = torch.cat([cache_ok[:, None, :].expand(Rb, Lq, M) & valid_q[:, :, None], qk], dim=-1)[:, None]
+    batch = KVCache(cfg.num_hidden_layers)
+    if M and static:  # the cached prefixes; the call appends its K/V (no input written in place)
+        batch.k, batch.v = slab.gather(meta[3], M)
+    elif M:  # the cached prefixes, gathered into tensors with room for this call's K/V
         batch = KVCache.preallocated(*slab.gather(meta[3], M, room=Lq), M)
-    else:
-        batch = KVCache(cfg.num_hidden_layers)
     # rows of different lengths (a request that just finished a block, or a new one with its
     # prompt, among requests that only step): padding stays out of the per-token layers
-    starts = [C - c for c in cs]
-    packed = any(starts)
+    # (static shapes: padding computed, every row of the same length)
+    starts = [C - c for c in cs_]
+    packed = not static and any(starts)
     pack = Packing.left_padded(R, Lq, starts, dev) if packed else None
     # the LM head on the noisy blocks only; a family whose logits come one position late
     # (Fast-dLLM v2) reads each from the column before: the block's columns but its last, and
-    # the last clean column before it where c > 0
+    # the last clean column before it where c > 0 (static: in every row where C > 0)
     lead = cfg.logit_shift
-    cols = [([C - 1] if lead and c else []) + list(range(C, Lq - lead)) for c in cs]
+    cols = [([C - 1] if lead and (c or (static and C)) else []) + list(range(C, Lq - lead)) for c in cs_]
     offset, out = 0, []
     for i, (st, cl) in enumerate(zip(starts, cols)):
         base = offset - st if packed else i * Lq
         out += [base + j for j in cl]
         offset += Lq - st
-    logits = decoder.model(ids, position_ids=pos, attn_mask=mask, cache=batch, output_positions=to_device(out, dev),
-                           query_valid=pack, logit_shift=False).logits
+    graph = getattr(decoder.model, "graph_forward", None) if static else None
+    logits = (graph or decoder.model)(ids, position_ids=pos, attn_mask=mask, cache=batch,
+                                      output_positions=to_device(out, dev), query_valid=pack, logit_shift=False).logits
+    if graph is not None:  # a CUDA graph's outputs are overwritten by its next replay; requests keep theirs
+        logits = logits.clone()
+    counts = [len(cl) for cl in cols]
+    logits = logits[: sum(counts[:R])]  # static: the pad rows' logits dropped
     if lead:
-        logits = _with_carry(group, logits, [len(cl) for cl in cols], bs)
+        logits = _with_carry(group, logits, counts[:R], [c > 0 for c in cs], bs)
     logits = logits.view(R, bs, -1)
     for i, (r, b, d, c) in enumerate(zip(group, b0s, dones, cs)):
         if c:
@@ -270,20 +287,31 @@ def block_exact_forward(decoder, group: list) -> None:
         r.logits = logits[i, lo - b : hi - b]
 
 
-def _with_carry(group, flat, rows, bs):
+def bucket(n: int, unit: int = 1) -> int:
+    """The static-shape bucket of a length: 0, else `unit` times the next power of two."""
+    if n <= 0:
+        return 0
+    k = -(-n // unit)
+    return unit * (1 << (k - 1).bit_length())
+
+
+def _with_carry(group, flat, rows, clean, bs):
     """Late logits (lead 1) on the exact cache: per request, the block's first row comes from the
     last clean column before it, computed in the call that made it clean (kept as the carry,
     exact: a clean column sees clean columns only); the other rows from the block's own
-    columns. `rows`: how many rows of `flat` each request has. Returns (R * bs, V) in block order."""
+    columns. `rows`: how many rows of `flat` each request has (its block's columns but the last,
+    after the column before the block where `clean`, a padded column in static shapes).
+    Returns (R * bs, V) in block order."""
     parts = list(flat.split(rows))
     res = []
-    for r, part in zip(group, parts):
-        if part.shape[0] == bs:  # this call holds the last clean column (c > 0): keep its row
+    for r, part, has_clean in zip(group, parts, clean):
+        own = part[part.shape[0] - (bs - 1) :]  # the block's columns but its last
+        if has_clean:  # this call holds the last clean column: keep its row
             r.cache.carry = part[0]
             res.append(part)
-        else:  # c == 0: bs - 1 rows of the block's own columns, the first row from the carry
-            first = r.cache.carry if r.cache.carry is not None else part[0]
-            res.append(torch.cat([first[None], part[: bs - 1]], dim=0))
+        else:
+            first = r.cache.carry if r.cache.carry is not None else own[0]
+            res.append(torch.cat([first[None], own], dim=0))
     return torch.cat(res, dim=0)
 
 
@@ -410,6 +438,11 @@ class KVSlab:
         for layer in range(self.L):
             self.k[layer][slot, :, start : start + n] = ks[layer][0]
             self.v[layer][slot, :, start : start + n] = vs[layer][0]
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` entries per slot (a static-shape step reads a bucketed length)."""
+        if self.k is not None:
+            self._grow(self.k[0], self.k[0].shape[0], length)
 
     def gather(self, idx: torch.Tensor, length: int, room: int = 0) -> tuple[list, list]:
         """Per layer, the first `length` entries of the slots `idx` (a long tensor on the slab's

@@ -38,7 +38,7 @@ class Decoder:
     requests that join and leave at any step (every call advances each unfinished request by
     one network call, batched across requests)."""
 
-    def __init__(self, model, chooser_factory=None):
+    def __init__(self, model, chooser_factory=None, static_shapes: Optional[bool] = None):
         from dlm.noise import schedule_for
 
         self.model = model.eval()
@@ -56,6 +56,9 @@ class Decoder:
 
             self.objective = make_objective(self.cfg)
         self.backends = caches.backends_for(self)
+        # the exact cache's block steps in bucketed shapes (a model compiled for CUDA graphs, see
+        # dlm.runtime.compile_model, asks for them); the same tokens either way
+        self.static_shapes = bool(getattr(model, "static_shapes", False)) if static_shapes is None else static_shapes
         # a failed batched forward is retried request by request, so only the failing one fails;
         # off when ranks must make the same calls (serving/lockstep.py): the failure is raised
         self.isolate_failures = True
