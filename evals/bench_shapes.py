@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from dlm.errors import DLMError
 from dlm.evals import provenance
 
 
@@ -158,7 +159,13 @@ def main(args) -> dict:
               "note": "random weights: every configuration commits a fixed number of tokens per step (confidence "
                       "rules would never fire); speed only, no accuracy", "results": []}
     for length in [int(x) for x in args.lengths.split(",")]:
-        for name, opts in configs(fam, length, args.tokens_per_step, args.block_length).items():
+        table = configs(fam, length, args.tokens_per_step, args.block_length)
+        wanted = [c.strip() for c in args.configs.split(",")] if getattr(args, "configs", None) else list(table)
+        unknown = [c for c in wanted if c not in table]
+        if unknown:
+            raise DLMError(f"--configs: no configuration {unknown} for this shape; choose from {list(table)}")
+        for name in wanted:
+            opts = table[name]
             cfg = DecodeConfig(**opts)
             warm = DecodeConfig(**{**opts, "max_new_tokens": min(length, 32), "steps": None,
                                    "block_length": None if fam.block_causal else min(32, opts.get("block_length") or 32)})

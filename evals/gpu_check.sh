@@ -11,6 +11,8 @@
 #                           tokens/s, forwards/s, ms per step, weights read per second against the
 #                           card's copy bandwidth measured in the same run, peak memory
 #   sdar4b_bf16.json        SDAR-4B shape (block-causal, block 4): no cache vs the exact cache
+#   sdar4b_bf16_graphs.json the exact cache's block step compiled and replayed as CUDA graphs
+#                           (--compile: torch.compile reduce-overhead, bucketed step shapes)
 #   summary.txt             the figures the issues ask for (step cost ratio, bandwidth fraction)
 #
 #   OUT=runs/gpu bash evals/gpu_check.sh
@@ -36,17 +38,20 @@ else
     echo "pytest is not installed on this machine: the CUDA tests did not run" | tee "$OUT/cuda_tests.txt"
 fi
 
-timeout 270 python -m dlm.cli bench decode --random-init llada-8b --dtype bfloat16 --device cuda \
+timeout 200 python -m dlm.cli bench decode --random-init llada-8b --dtype bfloat16 --device cuda \
     --lengths 256,1024 --batch-size 1 --repeats 2 --tokens-per-step 4 --block-length 32 --ar-baseline \
     --out "$OUT/llada8b_bf16.json" 2>&1 | tee "$OUT/llada8b_bf16.log"
-timeout 120 python -m dlm.cli bench decode --random-init sdar-4b --dtype bfloat16 --device cuda \
+timeout 80 python -m dlm.cli bench decode --random-init sdar-4b --dtype bfloat16 --device cuda \
     --lengths 256,1024 --batch-size 1 --repeats 2 --tokens-per-step 4 \
     --out "$OUT/sdar4b_bf16.json" 2>&1 | tee "$OUT/sdar4b_bf16.log"
+timeout 90 python -m dlm.cli bench decode --random-init sdar-4b --dtype bfloat16 --device cuda \
+    --lengths 256 --batch-size 1 --repeats 2 --tokens-per-step 4 --configs "exact cache" --compile \
+    --out "$OUT/sdar4b_bf16_graphs.json" 2>&1 | tee "$OUT/sdar4b_bf16_graphs.log"
 
 python - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, os, sys
 out = sys.argv[1]
-for name in ("llada8b_bf16", "sdar4b_bf16"):
+for name in ("llada8b_bf16", "sdar4b_bf16", "sdar4b_bf16_graphs"):
     path = os.path.join(out, name + ".json")
     if not os.path.exists(path):
         print(f"{name}: no result (see {name}.log)")
