@@ -261,6 +261,10 @@ def block_exact_forward(decoder, group: list) -> None:
     # the last clean column before it where c > 0 (static: in every row where C > 0)
     lead = cfg.logit_shift
     cols = [([C - 1] if lead and (c or (static and C)) else []) + list(range(C, Lq - lead)) for c in cs_]
+    sparse = not lead and not static  # the LM head only at the blocks' masked columns (host copy)
+    if sparse:
+        mask_id = cfg.mask_token_id
+        cols = [[C + j for j in range(bs) if b + j < r.total and r.host[b + j] == mask_id] for r, b in zip(group, b0s)]
     offset, out = 0, []
     for i, (st, cl) in enumerate(zip(starts, cols)):
         base = offset - st if packed else i * Lq
@@ -273,6 +277,9 @@ def block_exact_forward(decoder, group: list) -> None:
         logits = logits.clone()
     counts = [len(cl) for cl in cols]
     logits = logits[: sum(counts[:R])]  # static: the pad rows' logits dropped
+    if sparse:  # the block's rows, zeros where nothing is masked (never read)
+        at = to_device([i * bs + j - C for i, cl in enumerate(cols) for j in cl], dev)
+        logits = logits.new_zeros(R * bs, logits.shape[-1]).index_copy_(0, at, logits)
     if lead:
         logits = _with_carry(group, logits, counts[:R], [c > 0 for c in cs], bs)
     logits = logits.view(R, bs, -1)

@@ -173,26 +173,38 @@ class Threshold(UnmaskPolicy):
     def commit_batched(reqs, mask_id: int) -> None:
         """Many batchable requests' commits at once: the same float64 softmax, argmax and
         threshold decisions (ties included) as one request at a time, in a few tensor ops and
-        no host sync (the decoder reads what changed from its one copy per step)."""
+        no host sync (the decoder reads what changed from its one copy per step). Only the
+        blocks' masked columns are scored (the host copy of the canvas says which)."""
         import torch
 
         from dlm.runtime import to_device
 
         spans = [r.block for r in reqs]
-        blocks = [r.canvas[lo:hi] for r, (lo, hi) in zip(reqs, spans)]
-        region = torch.nn.utils.rnn.pad_sequence(blocks, batch_first=True, padding_value=-1)  # (R, W)
-        logits = torch.nn.utils.rnn.pad_sequence([r.logits[: hi - lo] for r, (lo, hi) in zip(reqs, spans)],
-                                                 batch_first=True).double()
-        logits[..., mask_id] = float("-inf")
-        tokens = logits.argmax(-1)
-        conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
-        open_ = region == mask_id
-        conf = conf.masked_fill(~open_, -1.0)
-        tau = to_device([r.policy.tau for r in reqs], conf.device, conf.dtype)
+        R, W = len(reqs), max(hi - lo for lo, hi in spans)
+        flat, rows, cols, offset = [], [], [], 0
+        for i, (r, (lo, hi)) in enumerate(zip(reqs, spans)):
+            for j in range(hi - lo):
+                if r.host[lo + j] == mask_id:
+                    flat.append(offset + j)
+                    rows.append(i)
+                    cols.append(j)
+            offset += hi - lo
+        dev = reqs[0].canvas.device
+        meta = to_device([flat, rows, cols], dev)
+        logits = torch.cat([r.logits[: hi - lo] for r, (lo, hi) in zip(reqs, spans)]).index_select(0, meta[0]).double()
+        logits[:, mask_id] = float("-inf")
+        tok = logits.argmax(-1)
+        at = (meta[1], meta[2])
+        conf = torch.full((R, W), -1.0, dtype=torch.float64, device=dev).index_put_(
+            at, logits.softmax(-1).gather(-1, tok[:, None])[:, 0])
+        tokens = torch.zeros((R, W), dtype=tok.dtype, device=dev).index_put_(at, tok)
+        open_ = torch.zeros((R, W), dtype=torch.bool, device=dev).index_put_(at, torch.ones_like(tok, dtype=torch.bool))
+        tau = to_device([r.policy.tau for r in reqs], dev, conf.dtype)
         sel = conf >= tau[:, None]
-        cols = torch.arange(sel.shape[1], device=sel.device)
-        sel |= ~sel.any(1, keepdim=True) & (cols[None] == conf.argmax(1, keepdim=True))  # at least the best
+        sel |= ~sel.any(1, keepdim=True) & (torch.arange(W, device=dev)[None] == conf.argmax(1, keepdim=True))  # at least the best
         sel &= open_
+        region = torch.nn.utils.rnn.pad_sequence([r.canvas[lo:hi] for r, (lo, hi) in zip(reqs, spans)],
+                                                 batch_first=True, padding_value=-1)  # (R, W)
         new = torch.where(sel, tokens.to(region.dtype), region)
         for r, (lo, hi), row in zip(reqs, spans, new):
             r.canvas[lo:hi] = row[: hi - lo]
