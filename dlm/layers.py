@@ -134,11 +134,13 @@ class Attention(nn.Module):
         return apply_rotary(k, cos, sin), v
 
     def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cache: Optional[KVCache] = None, memory=None,
-                pack=None):
+                pack=None, keep=None):
         """memory: optional (states, cos, sin) of other tokens (E2D2's encoder output, already
         normalised) whose keys/values go *before* this sequence's own; queries come from x only.
         pack: optional `Packing`: x holds only the valid tokens of a padded (B, L) batch, as one
         row (see `DLMModel.forward(query_valid=...)`); attention runs on the padded layout.
+        keep: optional row-major indices into x's tokens: the output projection only there,
+        returned flattened (N, D) (the last layer, when only some positions get logits).
         Keys and values keep their own (fewer) heads in caches; attention shares them out."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
@@ -164,6 +166,8 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, L, -1)
         if pack is not None:
             y = pack.repack(y)
+        if keep is not None:
+            y = y.reshape(-1, y.shape[-1]).index_select(0, keep)
         return self.o_proj(y)
 
 
@@ -258,12 +262,21 @@ class Block(nn.Module):
         if self.adaLN is not None:
             self.adaLN._dlm_zero_init = True
 
-    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cond=None, cache=None, memory=None, pack=None):
+    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, cond=None, cache=None, memory=None, pack=None,
+                keep=None):
+        """keep: optional row-major indices into x's tokens: every token's keys and values (the
+        cache gets them all), the rest of the layer only at those, returned flattened (N, D)
+        (the last layer when only some positions get logits; not with adaLN)."""
         if memory is not None:  # (states, cos, sin): normalised like this layer's own input
             memory = (self.input_layernorm(memory[0]), memory[1], memory[2])
         if self.adaLN is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, memory, pack)
+            a = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, memory, pack, keep)
+            if keep is not None:
+                x = x.reshape(-1, x.shape[-1]).index_select(0, keep)
+            x = x + a
             return x + self.mlp(self.post_attention_layernorm(x))
+        if keep is not None:
+            raise ValueError("keep needs a layer without adaLN")
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(cond)[:, None].chunk(6, dim=-1)
         h = self.input_layernorm(x) * (1 + sc1) + sh1
         x = x + (1 + g1) * self.self_attn(h, cos, sin, attn_mask, is_causal, cache, None, pack)

@@ -361,13 +361,20 @@ class DLMModel(DLMPreTrainedModel):
             cond = self.time_embed(sigma.reshape(-1).expand(B) if sigma.numel() == 1 else sigma)
         elif self.time_embed is not None:  # adaLN fed sigma = 0: one modulation for every row
             cond = self.time_embed(torch.zeros(1, device=input_ids.device))
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, is_causal, cond, cache, pack=pack)
+        # positions given as indices, no adaLN: the last layer past attention runs at them only
+        # (every position's keys and values are still computed: caches keep them)
+        keep = None
+        if output_positions is not None and output_positions.dtype != torch.bool and cond is None:
+            keep = self._output_rows(output_positions, x.shape[1], late)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask, is_causal, cond, cache, pack=pack, keep=keep if i == last else None)
         x = self.norm(x)
         if self.final_adaLN is not None:
             shift, scale = self.final_adaLN(cond)[:, None].chunk(2, dim=-1)
             x = x * (1 + scale) + shift
-        x = self._at_outputs(x, output_positions, late)
+        if keep is None:
+            x = self._at_outputs(x, output_positions, late)
         logits = self.lm_head(x)
         return DLMOutput(logits=logits, hidden_states=x if return_hidden else None)
 
@@ -383,10 +390,12 @@ class DLMModel(DLMPreTrainedModel):
                 return x[output_positions]
             b, i = output_positions.nonzero(as_tuple=True)
             return x[b, (i - 1).clamp(min=0)]
-        idx = output_positions  # row-major positions into (B * L)
-        if shift:
-            idx = torch.where(idx % x.shape[1] == 0, idx, idx - 1)
-        return x.reshape(-1, x.shape[-1]).index_select(0, idx)
+        return x.reshape(-1, x.shape[-1]).index_select(0, DLMModel._output_rows(output_positions, x.shape[1], shift))
+
+    @staticmethod
+    def _output_rows(idx: torch.Tensor, L: int, shift: bool) -> torch.Tensor:
+        """Row-major output positions into (B * L) -> the rows whose hidden states give them."""
+        return torch.where(idx % L == 0, idx, idx - 1) if shift else idx
 
 
     def encode(self, input_ids, attn_mask=None, position_ids=None, cache: Optional[KVCache] = None):

@@ -84,6 +84,9 @@ def test_output_positions_selects_rows():
     x = torch.randint(0, V, (2, 9))
     sel = torch.rand(2, 9) > 0.5
     assert torch.allclose(m(x, output_positions=sel).logits, m(x).logits[sel], atol=1e-6)
+    # as row-major indices (the last layer then runs past attention at those rows only)
+    idx = sel.reshape(-1).nonzero().squeeze(1)
+    assert torch.allclose(m(x, output_positions=idx).logits, m(x).logits[sel], atol=1e-5)
 
 
 def test_packed_queries_match_the_padded_forward():
@@ -104,13 +107,21 @@ def test_packed_queries_match_the_padded_forward():
     def run(**kw):
         cache = KVCache(m.config.num_hidden_layers)
         cache.k, cache.v = [past[0], past[1]], [past[2], past[3]]
-        return m(x, position_ids=pos, attn_mask=mask, cache=cache, output_positions=out, **kw).logits, cache
+        kw.setdefault("output_positions", out)
+        return m(x, position_ids=pos, attn_mask=mask, cache=cache, **kw).logits, cache
 
     padded, c_pad = run()
     packed, c_pack = run(query_valid=valid)
     assert packed.shape == padded.shape and torch.allclose(packed, padded, atol=1e-5)
+    keep = torch.cat([torch.ones(B, M, dtype=torch.bool), valid], 1)
     for a, b in zip(c_pad.k + c_pad.v, c_pack.k + c_pack.v):
-        keep = torch.cat([torch.ones(B, M, dtype=torch.bool), valid], 1)
+        assert torch.allclose(a.transpose(1, 2)[keep], b.transpose(1, 2)[keep], atol=1e-5)
+    # outputs as indices into the packed tokens: the last layer runs past attention there only;
+    # the logits and every layer's cache entries are the same
+    idx = out[valid].nonzero().squeeze(1)
+    rows, c_rows = run(query_valid=valid, output_positions=idx)
+    assert torch.allclose(rows, padded, atol=1e-5)
+    for a, b in zip(c_pad.k + c_pad.v, c_rows.k + c_rows.v):
         assert torch.allclose(a.transpose(1, 2)[keep], b.transpose(1, 2)[keep], atol=1e-5)
     with pytest.raises(ValueError, match="attn_mask"):
         m(x, query_valid=valid, output_positions=out)

@@ -56,7 +56,9 @@ def test_output_positions_and_shift_agree_with_the_full_logits(checkpoints, fami
     with torch.no_grad():
         full = model(ids).logits
         some = model(ids, output_positions=pos).logits
+        rows = model(ids, output_positions=pos.reshape(-1).nonzero().squeeze(1)).logits  # as indices
     torch.testing.assert_close(some, full[pos], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rows, full[pos], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", [dict(tied=True), dict(qkv_bias=True)])
