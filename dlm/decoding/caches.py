@@ -185,10 +185,17 @@ def view_forward(decoder, group: list, width: int) -> None:
     los = [r.block[0] - lead for r in group]
     ids = torch.stack([r.canvas[lo : lo + width] for r, lo in zip(group, los)])
     pos = torch.stack([torch.arange(lo, lo + width, device=dev) for lo in los])
-    out = decoder.model(ids, attn_mask=key_ok, position_ids=pos,
-                        cache=batch, sigma=decoder.sigma(group), logit_shift=False)
-    for i, r in enumerate(group):
-        r.logits = out.logits[i, : width - lead]
+    # the LM head only at the view's masked columns (host copy); fed column k's own output is
+    # the logits of canvas column block start + k
+    W, mask_id = width - lead, cfg.mask_token_id
+    cols = [[k for k in range(W) if r.host[r.block[0] + k] == mask_id] for r in group]
+    meta = to_device([[i * width + k for i, cl in enumerate(cols) for k in cl],
+                      [i * W + k for i, cl in enumerate(cols) for k in cl]], dev)
+    logits = decoder.model(ids, attn_mask=key_ok, position_ids=pos, cache=batch, sigma=decoder.sigma(group),
+                           output_positions=meta[0], logit_shift=False).logits
+    logits = logits.new_zeros(len(group) * W, logits.shape[-1]).index_copy_(0, meta[1], logits).view(len(group), W, -1)
+    for i, r in enumerate(group):  # zeros where nothing is masked (never read)
+        r.logits = logits[i]
 
 
 def block_full_forward(decoder, group: list, total: int) -> None:
