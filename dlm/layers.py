@@ -19,7 +19,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 for bf16 stability, as LLaMA does.
+        if x.dtype == self.weight.dtype == torch.float32:  # one fused kernel, the same arithmetic
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Normalise in float32 for bf16 stability, as LLaMA does (the weight applied after the
+        # cast back, as Llama's reference does).
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -233,12 +233,8 @@ def engine_main(conn, spec: EngineSpec, port: Optional[int] = None) -> None:
     front end's messages until "close" or until the front end goes away (the pipe closes)."""
     import torch
 
-    send_lock = threading.Lock()
-
-    def send(msg) -> None:
-        with send_lock:
-            conn.send(msg)
-
+    outbox = _Writer(conn)
+    send = outbox.send
     jobs: dict[int, Job] = {}
     try:
         torch.set_num_threads(spec.threads or torch.get_num_threads())
@@ -261,6 +257,7 @@ def engine_main(conn, spec: EngineSpec, port: Optional[int] = None) -> None:
         core = build_core(spec, sink=sink, device=device)
     except BaseException as e:  # the front end prints it and exits
         send(("failed", f"{type(e).__name__}: {e}" if not isinstance(e, DLMError) else str(e)))
+        outbox.close()
         return
     send(("ready", {"pid": os.getpid()}))
 
@@ -301,6 +298,37 @@ def engine_main(conn, spec: EngineSpec, port: Optional[int] = None) -> None:
                 break
     finally:
         core.close()
+        outbox.close()
+
+
+class _Writer:
+    """The engine's messages to the front end, written by a thread of their own: the decoding
+    loop hands over a step's events and goes on while they are pickled and written (in order)."""
+
+    def __init__(self, conn):
+        import queue
+
+        self.conn, self.queue = conn, queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="dlm-engine-writer", daemon=True)
+        self.thread.start()
+
+    def send(self, msg) -> None:
+        self.queue.put(msg)
+
+    def _run(self) -> None:
+        while True:
+            msg = self.queue.get()
+            if msg is None:
+                return
+            try:
+                self.conn.send(msg)
+            except (OSError, EOFError):  # the front end is gone; the main loop sees it too
+                return
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop."""
+        self.queue.put(None)
+        self.thread.join(timeout)
 
 
 def follower_main(spec: EngineSpec, rank: int, port: int) -> None:

@@ -221,3 +221,20 @@ def test_ar_exports_to_llama_with_identical_logits(tmp_path):
     assert gen.shape == (1, 9)
     with pytest.raises(DLMError, match="only autoregressive"):
         to_llama(make("mdlm"))
+
+
+def test_rms_norm_matches_llamas_formula_in_float32_and_bfloat16():
+    """float32 takes the fused kernel; bfloat16 normalises in float32 and applies the weight after
+    the cast back (Llama's order)."""
+    from dlm.layers import RMSNorm
+
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = torch.randn(3, 5, 64)
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(norm(x), ref, atol=1e-6, rtol=1e-6)
+    norm16, x16 = norm.to(torch.bfloat16), x.to(torch.bfloat16)
+    xf = x16.float()
+    ref16 = norm16.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert torch.equal(norm16(x16), ref16)
