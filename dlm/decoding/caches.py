@@ -118,7 +118,9 @@ def backends_for(decoder) -> dict[str, CacheBackend]:
 # ------------------------------------------------------------------ the forward passes
 def forward(decoder, key: tuple, group: list) -> None:
     """Set r.logits (the rows of the canvas columns [block start, ...)) for every request of
-    one group."""
+    one group. Only the rows of columns that are masked at the call are read (the commit, early
+    commit and policies look at masked columns only); the exact cache and the views compute
+    those alone and leave zeros elsewhere."""
     FORWARDS[key[0]](decoder, group, *key[1:])
 
 
