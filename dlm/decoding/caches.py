@@ -189,14 +189,14 @@ def view_forward(decoder, group: list, width: int) -> None:
     pos = torch.stack([torch.arange(lo, lo + width, device=dev) for lo in los])
     # the LM head only at the view's masked columns (host copy); fed column k's own output is
     # the logits of canvas column block start + k
-    W, mask_id = width - lead, cfg.mask_token_id
-    cols = [[k for k in range(W) if r.host[r.block[0] + k] == mask_id] for r in group]
+    W = width - lead
+    cols = [r.masked_columns(r.block[0], W, cfg.mask_token_id) for r in group]
     meta = to_device([[i * width + k for i, cl in enumerate(cols) for k in cl],
                       [i * W + k for i, cl in enumerate(cols) for k in cl]], dev)
     logits = decoder.model(ids, attn_mask=key_ok, position_ids=pos, cache=batch, sigma=decoder.sigma(group),
                            output_positions=meta[0], logit_shift=False).logits
-    logits = logits.new_zeros(len(group) * W, logits.shape[-1]).index_copy_(0, meta[1], logits).view(len(group), W, -1)
-    for i, r in enumerate(group):  # zeros where nothing is masked (never read)
+    logits = _spread(logits, meta[1], len(group) * W).view(len(group), W, -1)
+    for i, r in enumerate(group):
         r.logits = logits[i]
 
 
@@ -272,8 +272,7 @@ def block_exact_forward(decoder, group: list) -> None:
     cols = [([C - 1] if lead and (c or (static and C)) else []) + list(range(C, Lq - lead)) for c in cs_]
     sparse = not lead and not static  # the LM head only at the blocks' masked columns (host copy)
     if sparse:
-        mask_id = cfg.mask_token_id
-        cols = [[C + j for j in range(bs) if b + j < r.total and r.host[b + j] == mask_id] for r, b in zip(group, b0s)]
+        cols = [[C + j for j in r.masked_columns(b, bs, cfg.mask_token_id)] for r, b in zip(group, b0s)]
     offset, out = 0, []
     for i, (st, cl) in enumerate(zip(starts, cols)):
         base = offset - st if packed else i * Lq
@@ -286,9 +285,8 @@ def block_exact_forward(decoder, group: list) -> None:
         logits = logits.clone()
     counts = [len(cl) for cl in cols]
     logits = logits[: sum(counts[:R])]  # static: the pad rows' logits dropped
-    if sparse:  # the block's rows, zeros where nothing is masked (never read)
-        at = to_device([i * bs + j - C for i, cl in enumerate(cols) for j in cl], dev)
-        logits = logits.new_zeros(R * bs, logits.shape[-1]).index_copy_(0, at, logits)
+    if sparse:  # the block's rows
+        logits = _spread(logits, to_device([i * bs + j - C for i, cl in enumerate(cols) for j in cl], dev), R * bs)
     if lead:
         logits = _with_carry(group, logits, counts[:R], [c > 0 for c in cs], bs)
     logits = logits.view(R, bs, -1)
@@ -301,6 +299,12 @@ def block_exact_forward(decoder, group: list) -> None:
             r.cache.clean_len = b
         lo, hi = r.block
         r.logits = logits[i, lo - b : hi - b]
+
+
+def _spread(logits: torch.Tensor, at: torch.Tensor, rows: int) -> torch.Tensor:
+    """Logits computed at some rows only (the masked columns) -> `rows` rows, zeros at the
+    others (never read: see `forward`)."""
+    return logits.new_zeros(rows, logits.shape[-1]).index_copy_(0, at, logits)
 
 
 def bucket(n: int, unit: int = 1) -> int:

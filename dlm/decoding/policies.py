@@ -183,11 +183,10 @@ class Threshold(UnmaskPolicy):
         R, W = len(reqs), max(hi - lo for lo, hi in spans)
         flat, rows, cols, offset = [], [], [], 0
         for i, (r, (lo, hi)) in enumerate(zip(reqs, spans)):
-            for j in range(hi - lo):
-                if r.host[lo + j] == mask_id:
-                    flat.append(offset + j)
-                    rows.append(i)
-                    cols.append(j)
+            for j in r.masked_columns(lo, hi - lo, mask_id):
+                flat.append(offset + j)
+                rows.append(i)
+                cols.append(j)
             offset += hi - lo
         dev = reqs[0].canvas.device
         meta = to_device([flat, rows, cols], dev)

@@ -106,6 +106,12 @@ class DecodeRequest:
         lo, hi = self.block
         return max(1, round(self.steps_total * (hi - lo) / self.gen_len))
 
+    def masked_columns(self, start: int, n: int, mask_id: int) -> list[int]:
+        """The offsets k in [0, n) whose canvas column start + k is masked, read from the host
+        copy (no device read): where a step's logits are needed."""
+        host = self.host
+        return [k for k in range(min(n, self.total - start)) if host[start + k] == mask_id]
+
     def answer(self) -> list[int]:
         """The answer region (MASK where still undecided), as of the last step."""
         return self.host[self.P : self.P + self.N]
