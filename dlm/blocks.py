@@ -148,3 +148,22 @@ def block_causal_flex_mask(seq_len: int, block_size: int, device: torch.device =
         return k // block_size <= q // block_size
 
     return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=str(device))
+
+
+
+def dense_as_flex_mask(mask: torch.Tensor, q_len: int):
+    """A dense boolean mask, (Lq, Lk) or (B, 1, Lq | 1, Lk) (a key-padding mask broadcast over the
+    queries), as a FlexAttention BlockMask of the same pattern for `q_len` queries: the
+    decoder's cached steps on CUDA, where Flex skips the tiles in which no query may attend (the
+    padding of the shorter caches in a batch). Every query row must allow some key (Flex gives
+    zeros for an empty row, SDPA NaN; the decoder's masks always let a query see itself)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    m = mask if mask.dim() == 4 else mask[None, None]
+    B, Lk = m.shape[0], m.shape[-1]
+    rows = m[:, 0]  # (B, Lq | 1, Lk): the decoder's masks are the same for every head
+    one_row, one_batch = rows.shape[1] == 1, B == 1  # broadcast dimensions: index 0 there
+
+    def mask_mod(b, h, q, k):
+        return rows[0 if one_batch else b, 0 if one_row else q, k]
+    return create_block_mask(mask_mod, None if B == 1 else B, None, q_len, Lk, device=str(m.device))

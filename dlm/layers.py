@@ -223,14 +223,16 @@ _FLEX = {}
 
 
 def _flex_attention():
-    """flex_attention, compiled once on CUDA (fused kernels); eager elsewhere (reference path)."""
+    """flex_attention, compiled once on CUDA (fused kernels); eager elsewhere (reference path).
+    Automatic dynamic shapes: training's fixed shape compiles once; the decoder's steps, whose
+    cache lengths grow, recompile once into a shape-generic kernel rather than once per length."""
     if "fn" not in _FLEX:
         import warnings
 
         from torch.nn.attention.flex_attention import flex_attention
 
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+        _FLEX["fn"] = torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
     return _FLEX["fn"]
 
 

@@ -4,7 +4,8 @@
 #
 #   gpu.txt                 the card (nvidia-smi)
 #   cuda_tests.txt          the test suite's CUDA-marked tests (tests/test_cuda.py: CPU tokens in
-#                           float32 for every cache, bfloat16 decoding, FlexAttention = dense)
+#                           float32 for every cache, also with Flex block masks in the decode
+#                           steps; bfloat16 decoding; training's FlexAttention = dense)
 #   llada8b_bf16.json       LLaDA-8B shape, random weights, bf16, batch 1, 4 tokens per step:
 #                           vanilla vs prefix vs dual cache at 256 and 1024 new tokens, and the
 #                           same-shape AR model through HF generate with its static cache;

@@ -12,6 +12,7 @@ from dlm.blocks import (
     bd3_training_mask_reference,
     block_causal_mask,
     check_block_size,
+    dense_as_flex_mask,
     e2d2_decoder_mask,
     e2d2_decoder_mask_reference,
     flex_available,
@@ -163,6 +164,27 @@ def test_flex_attention_gives_the_same_logits_as_sdpa(objective):
     if not torch.cuda.is_available():
         with pytest.raises(DLMError, match="backward"):
             obj_f.loss(flex, x0, None, noise)
+
+
+@pytest.mark.skipif(not flex_available(), reason="FlexAttention not in this torch")
+@pytest.mark.parametrize("shape", [(3, 1, 10, 300), (3, 1, 1, 300), (10, 300), (1, 1, 10, 300), (3, 1, 9, 9)])
+def test_a_dense_mask_as_a_flex_block_mask_attends_alike(shape):
+    """The decoder's step masks (per-row, key-padding, shared, one batch row) through Flex give
+    SDPA's outputs under the dense mask, with GQA; a mask read with the wrong broadcast or
+    transposed would not."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, Lq, Lk = 3, 10 if shape[-2] != 9 else 9, shape[-1]
+    mask = torch.rand(*shape, generator=g) < 0.4
+    mask[..., -1] = True  # every query may attend somewhere
+    q = torch.randn(B, 4, Lq, 16, generator=g)
+    k, v = torch.randn(B, 2, Lk, 16, generator=g), torch.randn(B, 2, Lk, 16, generator=g)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = flex_attention(q, k, v, block_mask=dense_as_flex_mask(mask, Lq), enable_gqa=True)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    wrong = flex_attention(q, k, v, block_mask=dense_as_flex_mask(mask.flip(-1), Lq), enable_gqa=True)
+    assert not torch.allclose(wrong, want, atol=1e-3)
 
 
 # ---------------------------------------------------------------- NELBO sanity

@@ -35,6 +35,22 @@ def test_cuda_float32_decodes_the_cpu_tokens(objective, block, caches):
         assert got == want, cache
 
 
+@pytest.mark.parametrize("objective,block", [("mdlm", None), ("bd3lm", 4), ("e2d2", 4)])
+def test_cuda_flex_decoding_gives_the_cpu_tokens(objective, block):
+    """attention_backend auto on CUDA: the cached steps' masks go to compiled FlexAttention as
+    block masks; float32 tokens equal the CPU's (SDPA, dense masks) for every cache mode."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu = real_model(objective, block=block)
+    gpu = real_model(objective, block=block).to("cuda")
+    gpu.config.attention_backend = "auto"
+    assert Decoder(gpu).flex
+    for cache in Decoder(cpu).family.caches:
+        cfg = DecodeConfig(max_new_tokens=16, unmask="threshold", threshold=0.3, cache=cache, temperature=0.0,
+                           stop_at_eos=False, **({} if block else {"block_length": 8}))
+        want = [r.tokens for r in Decoder(cpu).generate(PROMPTS, cfg)]
+        assert [r.tokens for r in Decoder(gpu).generate(PROMPTS, cfg)] == want, cache
+
+
 def test_cuda_bfloat16_decodes_with_every_cache():
     for objective, block in (("mdlm", None), ("bd3lm", 4)):
         model = real_model(objective, block=block).to("cuda", torch.bfloat16)

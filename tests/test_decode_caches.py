@@ -113,6 +113,41 @@ def test_approximate_caches_decode_batches_like_single_prompts(cache):
         assert dec.generate([p], cfg)[0].tokens == t.tokens
 
 
+@pytest.mark.parametrize("objective,block", [("mdlm", None), ("bd3lm", 4), ("e2d2", 4)])
+def test_flex_attention_masks_decode_the_sdpa_tokens(objective, block, monkeypatch):
+    """attention_backend flex (the default on CUDA): every cache mode's step masks go to the
+    model as FlexAttention block masks (checked: Flex ran, on each step with a mask), and the
+    tokens equal SDPA's under the dense masks. Prompts of different lengths, so the batched steps
+    carry padding masks."""
+    import dlm.layers as layers
+
+    calls = {"flex": 0}
+    real = layers._flex_attention
+
+    def counting():
+        fn = real()
+
+        def run(*a, **kw):
+            calls["flex"] += 1
+            return fn(*a, **kw)
+        return run
+
+    monkeypatch.setattr(layers, "_flex_attention", counting)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
+    sdpa = real_model(objective, block=block, seed=3)
+    flex = real_model(objective, block=block, seed=3)
+    flex.config.attention_backend = "flex"
+    assert Decoder(flex).flex and not Decoder(sdpa).flex
+    for cache in Decoder(sdpa).family.caches:
+        cfg = DecodeConfig(max_new_tokens=12, unmask="threshold", threshold=0.3, cache=cache, stop_at_eos=False,
+                           **({} if block else {"block_length": 4}))
+        want = [r.tokens for r in Decoder(sdpa).generate(prompts, cfg)]
+        before = calls["flex"]
+        got = [r.tokens for r in Decoder(flex).generate(prompts, cfg)]
+        assert got == want, cache
+        assert calls["flex"] > before, cache
+
+
 def test_cache_kinds_are_checked():
     with pytest.raises(DLMError, match="exact"):
         Decoder(real_model("mdlm")).generate([[5]], DecodeConfig(cache="exact"))

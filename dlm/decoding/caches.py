@@ -141,7 +141,7 @@ def full_forward(decoder, group: list) -> None:
     kv = KVCache(cfg.num_hidden_layers) if refresh else None
     # the LM head only where logits are read: from each request's current block on
     out = to_device([i * L + j for i, r in enumerate(group) for j in range(L - r.total + r.block[0], L)], dev)
-    flat = decoder.model(canvas, attn_mask=key_ok, position_ids=positions.clamp(min=0),
+    flat = decoder.model(canvas, attn_mask=decoder.attention_mask(key_ok, L), position_ids=positions.clamp(min=0),
                          cache=kv, sigma=decoder.sigma(group), output_positions=out).logits
     parts = flat.split([r.total - r.block[0] for r in group])
     for i, r in enumerate(group):
@@ -193,7 +193,8 @@ def view_forward(decoder, group: list, width: int) -> None:
     cols = [r.masked_columns(r.block[0], W, cfg.mask_token_id) for r in group]
     meta = to_device([[i * width + k for i, cl in enumerate(cols) for k in cl],
                       [i * W + k for i, cl in enumerate(cols) for k in cl]], dev)
-    logits = decoder.model(ids, attn_mask=key_ok, position_ids=pos, cache=batch, sigma=decoder.sigma(group),
+    logits = decoder.model(ids, attn_mask=decoder.attention_mask(key_ok, width), position_ids=pos, cache=batch,
+                           sigma=decoder.sigma(group),
                            output_positions=meta[0], logit_shift=False).logits
     logits = _spread(logits, meta[1], len(group) * W).view(len(group), W, -1)
     for i, r in enumerate(group):
@@ -279,7 +280,7 @@ def block_exact_forward(decoder, group: list) -> None:
         out += [base + j for j in cl]
         offset += Lq - st
     graph = getattr(decoder.model, "graph_forward", None) if static else None
-    logits = (graph or decoder.model)(ids, position_ids=pos, attn_mask=mask, cache=batch,
+    logits = (graph or decoder.model)(ids, position_ids=pos, attn_mask=decoder.attention_mask(mask, Lq), cache=batch,
                                       output_positions=to_device(out, dev), query_valid=pack, logit_shift=False).logits
     if graph is not None:  # a CUDA graph's outputs are overwritten by its next replay; requests keep theirs
         logits = logits.clone()
@@ -357,7 +358,7 @@ def encoder_exact_forward(decoder, group: list) -> None:
     if any(b != M for b in b0s):  # known on the host: no device check
         attn = torch.cat([key_ok[:, None, None, :].expand(-1, 1, bs, -1),
                           torch.ones(len(group), 1, bs, bs, dtype=torch.bool, device=dev)], dim=-1)
-    logits = decoder.model.decode(ids, mem, mem_pos, attn_mask=attn, position_ids=pos).logits
+    logits = decoder.model.decode(ids, mem, mem_pos, attn_mask=decoder.attention_mask(attn, bs), position_ids=pos).logits
     for i, (r, b) in enumerate(zip(group, b0s)):
         lo, hi = r.block
         r.logits = logits[i, lo - b : hi - b]
@@ -393,7 +394,7 @@ def _encode_clean(decoder, group: list) -> None:
             for layer in range(cfg.num_hidden_layers):
                 batch.k[layer] = left_pad_cat([c.k[layer] if c else None for c in stored], M, like=ids)
                 batch.v[layer] = left_pad_cat([c.v[layer] if c else None for c in stored], M, like=ids)
-        states = decoder.model.encode(ids, attn_mask=mask, position_ids=pos, cache=batch)
+        states = decoder.model.encode(ids, attn_mask=decoder.attention_mask(mask, n), position_ids=pos, cache=batch)
         for i, (r, done, b0) in enumerate(items):
             st = r.cache
             if st.kv is None:

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from dlm.blocks import dense_as_flex_mask, use_flex
 from dlm.decoding import caches
 from dlm.decoding.config import DecodeConfig
 from dlm.decoding.policies import StepView, Threshold, make_policy
@@ -59,9 +60,22 @@ class Decoder:
         # the exact cache's block steps in bucketed shapes (a model compiled for CUDA graphs, see
         # dlm.runtime.compile_model, asks for them); the same tokens either way
         self.static_shapes = bool(getattr(model, "static_shapes", False)) if static_shapes is None else static_shapes
+        # the cached steps' attention masks as FlexAttention block masks where the model's backend
+        # takes Flex (auto: on CUDA, see dlm/blocks.py; Flex then skips the padding tiles of a
+        # batch's shorter caches), dense for SDPA otherwise and in bucketed shapes (CUDA graphs)
+        with torch.no_grad():
+            self.flex = (use_flex(getattr(self.cfg, "attention_backend", "auto"), self.device)
+                         and not self.static_shapes)
         # a failed batched forward is retried request by request, so only the failing one fails;
         # off when ranks must make the same calls (serving/lockstep.py): the failure is raised
         self.isolate_failures = True
+
+    def attention_mask(self, mask: Optional[torch.Tensor], q_len: int):
+        """A step's dense boolean attention mask (None: attend everywhere) as this decoder's
+        attention kernel takes it, for `q_len` queries."""
+        if mask is None or not self.flex:
+            return mask
+        return dense_as_flex_mask(mask, q_len)
 
     # -------------------------------------------------------------- public
     @torch.no_grad()
