@@ -76,8 +76,8 @@ def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torc
 def masked_nll(logits: torch.Tensor, targets: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
     """-log p(target) per row of `logits` (N, V), with the [MASK] class removed when given."""
     logits = logits.float()
-    if mask_id is not None:
-        logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    if mask_id is not None:  # (the index made on the device: a host tensor would be a blocking copy)
+        logits = logits.index_fill(-1, torch.full((1,), mask_id, device=logits.device), float("-inf"))
     return F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -101,18 +101,51 @@ class Objective:
         raise NotImplementedError
 
     @staticmethod
-    def _finish(nll: torch.Tensor, n_tokens: torch.Tensor, where: torch.Tensor) -> LossOutput:
-        """nll: the weighted NLL of each entry of the boolean (B, L) `where` (row-major)."""
+    def _finish(nll: torch.Tensor, plan: "_Plan") -> LossOutput:
+        """nll: the weighted NLL at each of the plan's positions (row-major)."""
         total = nll.sum()
-        rows = where.nonzero(as_tuple=True)[0]
-        per_row = torch.zeros(where.shape[0], dtype=torch.float64, device=nll.device)
-        per_row.index_add_(0, rows, nll.detach().double())
+        per_row = torch.zeros(plan.batch, dtype=torch.float64, device=nll.device)
+        per_row.index_add_(0, plan.rows, nll.detach().double())
         return LossOutput(
-            loss=total / n_tokens.clamp(min=1),
+            loss=total / plan.n_tokens.clamp(min=1),
             nll_sum=total.detach().double(),
-            n_tokens=n_tokens.detach(),
+            n_tokens=plan.n_tokens.detach(),
             nll_rows=per_row,
         )
+
+
+@dataclass
+class _Plan:
+    """What a loss decides from the batch and its noise before the network runs, computed where
+    the batch lives and then moved to the network's device in non-blocking copies. The trainer
+    hands the objectives host batches, so the data-dependent parts (which positions are noised
+    and scored, how many, which keys are padding) are known on the host: the training step reads
+    no value back from the device (no sync). A batch already on the device gives the same numbers
+    (the selections then sync, as any boolean indexing does)."""
+
+    at: torch.Tensor  # row-major indices of the scored outputs into (B * L)
+    rows: torch.Tensor  # the batch row of each
+    targets: torch.Tensor  # the token to predict at each
+    weight: Optional[torch.Tensor]  # the loss weight of each (None: 1)
+    n_tokens: torch.Tensor  # scored tokens in the batch (the loss's denominator)
+    padding: Optional[torch.Tensor]  # the attention mask when some key is padding (0), else None
+    batch: int
+
+    @classmethod
+    def make(cls, model, input_ids, attention_mask, where, scored, weight=None, targets_at=None) -> "_Plan":
+        """where: boolean (B, L) positions whose logits are scored; targets_at: the positions of
+        their targets (default `where`); weight: (B, L) or None."""
+        from dlm.runtime import host_to_device
+
+        param = next(model.parameters(), None)  # (a test's parameter-free model: the batch's device)
+        dev = input_ids.device if param is None else param.device
+        at = where.reshape(-1).nonzero().squeeze(1)
+        tgt = (where if targets_at is None else targets_at).reshape(-1)
+        pad = attention_mask is not None and not bool(attention_mask.all())
+        put = lambda t: None if t is None else host_to_device(t, dev)  # noqa: E731
+        return cls(at=put(at), rows=put(at // where.shape[1]), targets=put(input_ids.reshape(-1)[tgt]),
+                   weight=put(None if weight is None else weight.reshape(-1)[at]),
+                   n_tokens=put(scored.sum()), padding=put(attention_mask if pad else None), batch=where.shape[0])
 
 
 class MDLM(Objective):
@@ -140,12 +173,16 @@ class MDLM(Objective):
         return mask_tokens(input_ids, masked, self.mask_id), masked, scored, t
 
     def loss(self, model, input_ids, attention_mask, noise):
+        from dlm.runtime import host_to_device
+
         xt, masked, scored, t = self.corrupt(input_ids, attention_mask, noise)
-        sigma = self.schedule.sigma(t) if self.config.time_conditioning else None
-        logits = model(xt, attention_mask=attention_mask, sigma=sigma, output_positions=masked).logits
-        weight = self.schedule.loss_weight(t)[:, None].expand_as(masked)[masked]
-        nll = masked_nll(logits, input_ids[masked], self.mask_id) * weight
-        return self._finish(nll, scored.sum(), masked)
+        plan = _Plan.make(model, input_ids, attention_mask, masked, scored,
+                          weight=self.schedule.loss_weight(t)[:, None].expand_as(masked))
+        dev = plan.at.device
+        sigma = host_to_device(self.schedule.sigma(t), dev) if self.config.time_conditioning else None
+        logits = model(host_to_device(xt, dev), attention_mask=plan.padding, sigma=sigma, output_positions=plan.at).logits
+        nll = masked_nll(logits, plan.targets, self.mask_id) * plan.weight
+        return self._finish(nll, plan)
 
 
 class RADD(Objective):
@@ -170,6 +207,8 @@ class RADD(Objective):
         }
 
     def loss(self, model, input_ids, attention_mask, noise):
+        from dlm.runtime import host_to_device
+
         scored = scored_positions(input_ids, attention_mask)
         r = noise["r"].to(input_ids.device)
         u = noise["u"].to(input_ids.device)
@@ -183,9 +222,10 @@ class RADD(Objective):
             masked = exact_k_mask(u, k, scored)
             weight = (n.float() / k.float())[:, None]
         xt = mask_tokens(input_ids, masked, self.mask_id)
-        logits = model(xt, attention_mask=attention_mask, output_positions=masked).logits
-        nll = masked_nll(logits, input_ids[masked], self.mask_id) * weight.expand_as(masked)[masked]
-        return self._finish(nll, scored.sum(), masked)
+        plan = _Plan.make(model, input_ids, attention_mask, masked, scored, weight=weight.expand_as(masked))
+        logits = model(host_to_device(xt, plan.at.device), attention_mask=plan.padding, output_positions=plan.at).logits
+        nll = masked_nll(logits, plan.targets, self.mask_id) * plan.weight
+        return self._finish(nll, plan)
 
 
 class AR(Objective):
@@ -197,11 +237,15 @@ class AR(Objective):
     def loss(self, model, input_ids, attention_mask, noise):
         scored = scored_positions(input_ids, attention_mask)
         # Logits at position i predict token i + 1: compute them only where the target is scored.
+        from dlm.runtime import host_to_device
+
         predict_from = torch.zeros_like(scored)
         predict_from[:, :-1] = scored[:, 1:]
-        logits = model(input_ids, attention_mask=attention_mask, is_causal=True, output_positions=predict_from).logits
-        nll = masked_nll(logits, input_ids[scored], None)
-        return self._finish(nll, scored.sum(), scored)
+        plan = _Plan.make(model, input_ids, attention_mask, predict_from, scored, targets_at=scored)
+        logits = model(host_to_device(input_ids, plan.at.device), attention_mask=plan.padding, is_causal=True,
+                       output_positions=plan.at).logits
+        nll = masked_nll(logits, plan.targets, None)
+        return self._finish(nll, plan)
 
 
 class BD3LM(MDLM):
@@ -233,16 +277,11 @@ class BD3LM(MDLM):
         masked = bernoulli_mask(noise["u"].to(input_ids.device), self.schedule.move_prob(t_tok), scored)
         return mask_tokens(input_ids, masked, self.mask_id), masked, scored, t_tok
 
-    def per_token_nll(self, model, input_ids, attention_mask, noise):
-        """(weighted NLL of each masked token, the masked positions, the scored positions)."""
-        xt, masked, scored, t_tok = self.corrupt(input_ids, attention_mask, noise)
-        logits = self.masked_logits(model, input_ids, xt, attention_mask, masked)
-        weight = self.schedule.loss_weight(t_tok)[masked]
-        return masked_nll(logits, input_ids[masked], self.mask_id) * weight, masked, scored
 
     def masked_logits(self, model, x0, xt, attention_mask, masked):
         """Logits at `masked` (boolean (B, L), or row-major indices into (B * L): no host sync)
-        of the noisy half of [xt ; x0] under the block mask, flattened."""
+        of the noisy half of [xt ; x0] under the block mask, flattened. attention_mask: the
+        padding mask (None: no key is padding)."""
         B, L = x0.shape
         pos = torch.arange(L, device=x0.device)
         am = None if attention_mask is None else torch.cat([attention_mask, attention_mask], dim=1)
@@ -258,8 +297,15 @@ class BD3LM(MDLM):
                      attn_mask=mask, output_positions=out_pos).logits
 
     def loss(self, model, input_ids, attention_mask, noise):
-        nll, masked, scored = self.per_token_nll(model, input_ids, attention_mask, noise)
-        return self._finish(nll, scored.sum(), masked)
+        from dlm.runtime import host_to_device
+
+        xt, masked, scored, t_tok = self.corrupt(input_ids, attention_mask, noise)
+        plan = _Plan.make(model, input_ids, attention_mask, masked, scored, weight=self.schedule.loss_weight(t_tok))
+        dev = plan.at.device
+        logits = self.masked_logits(model, host_to_device(input_ids, dev), host_to_device(xt, dev), plan.padding,
+                                    plan.at)
+        nll = masked_nll(logits, plan.targets, self.mask_id) * plan.weight
+        return self._finish(nll, plan)
 
 
 class E2D2(BD3LM):
@@ -274,7 +320,7 @@ class E2D2(BD3LM):
         B, L = x0.shape
         dev = x0.device
         enc_mask, dec_mask = block_causal_mask(L, self.block, dev), e2d2_decoder_mask(L, self.block, dev)
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None:  # padding (the loss passes it only then: no host check)
             key_ok = attention_mask.bool()[:, None, None, :]
             eye = torch.eye(L, dtype=torch.bool, device=dev)  # pad queries must see something
             enc_mask = (enc_mask & key_ok) | eye

@@ -78,10 +78,18 @@ def to_device(values, device, dtype=None):
     waits for the copy, and so for every kernel queued before it)."""
     import torch
 
-    t = torch.tensor(values, dtype=dtype if dtype is not None else torch.long)
+    return host_to_device(torch.tensor(values, dtype=dtype if dtype is not None else torch.long), device)
+
+
+def host_to_device(t, device):
+    """A tensor on `device`; a host tensor goes to CUDA through pinned memory with a non-blocking
+    copy (`.to(cuda)` from pageable memory synchronises the stream: it waits for every kernel
+    queued before it)."""
+    import torch
+
     device = torch.device(device)
-    if device.type == "cpu":
+    if t.device == device or (device.type == t.device.type and device.index is None):
         return t
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -41,6 +41,30 @@ class UniformModel(torch.nn.Module):
 
     def forward(self, x, output_positions=None, **kw):
         logits = torch.zeros(*x.shape, self.config.vocab_size)
-        if output_positions is not None:
-            logits = logits[output_positions]
+        if output_positions is not None:  # a boolean mask, or row-major indices (the objectives')
+            flat = logits[output_positions] if output_positions.dtype == torch.bool else None
+            logits = flat if flat is not None else logits.reshape(-1, logits.shape[-1])[output_positions]
         return type("Out", (), {"logits": logits})()
+
+
+class SyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts the calls that wait for the device on a GPU: reading tensor values on the host
+    (tolist, item, bool / int / float of a tensor, nonzero, boolean-mask indexing, .cpu()) and
+    host -> device copies that block (torch.tensor(..., device=...)). On this CPU nothing
+    waits, but the same calls run: a step's count here is its count on CUDA."""
+
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy",
+             "masked_select", "equal", "allclose", "is_nonzero", "unique"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in self.READS or (name == "tensor" and "device" in kwargs) or (
+                name == "__getitem__" and len(args) > 1 and isinstance(args[1], torch.Tensor)
+                and args[1].dtype == torch.bool):
+            self.calls.append(name)
+        return func(*args, **kwargs)

@@ -82,6 +82,32 @@ def test_cuda_flex_attention_matches_dense_block_masks():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("objective,block", [("mdlm", None), ("ar", None), ("bd3lm", 4)])
+def test_cuda_training_loss_and_backward_do_not_sync(objective, block):
+    """A training micro-batch as the trainer runs it (host batch and noise, model on CUDA): the
+    loss and its backward make no synchronizing CUDA call (torch.cuda.set_sync_debug_mode)."""
+    import warnings
+
+    from dlm.objectives import make_objective
+
+    model = real_model(objective, block=block).to("cuda").train()
+    obj = make_objective(model.config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 30, (2, 32), generator=g)
+    noise = obj.draw_noise(2, 32, g)
+    obj.loss(model, ids, None, noise).loss.backward()  # warm-up (allocations, kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            obj.loss(model, ids, None, noise).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+    assert syncs == [], syncs
+
+
 def _steps_with_sync_warnings(dec, prompts, cfg):
     """Each step's count of synchronizing CUDA calls (torch.cuda.set_sync_debug_mode)."""
     import warnings

@@ -11,6 +11,7 @@ from dlm.decoding import DecodeConfig, Decoder
 from dlm.errors import DLMError
 
 from decode_helpers import BOS, CONF, EOS, MASK, V, WIN, KnownModel, peaked_table, real_model, run
+from helpers import SyncCounter
 
 # ---------------------------------------------------------------- caches
 @pytest.mark.parametrize("objective", ["bd3lm", "e2d2"])
@@ -352,29 +353,6 @@ def test_a_request_whose_forward_fails_fails_alone(objective, block):
     assert [res[0].tokens, res[2].tokens] == [alone[0].tokens, alone[1].tokens]
     with pytest.raises(RuntimeError, match="poisoned"):
         Decoder(Poisoned(model)).generate([[4, poison]], cfg)
-
-
-class SyncCounter(torch.overrides.TorchFunctionMode):
-    """Counts the calls that wait for the device on a GPU: reading tensor values on the host
-    (tolist, item, bool / int / float of a tensor, nonzero, boolean-mask indexing, .cpu()) and
-    host -> device copies that block (torch.tensor(..., device=...)). On this CPU nothing
-    waits, but the same calls run: a step's count here is its count on CUDA."""
-
-    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy",
-             "masked_select", "equal", "allclose", "is_nonzero", "unique"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in self.READS or (name == "tensor" and "device" in kwargs) or (
-                name == "__getitem__" and len(args) > 1 and isinstance(args[1], torch.Tensor)
-                and args[1].dtype == torch.bool):
-            self.calls.append(name)
-        return func(*args, **kwargs)
 
 
 def _count_syncs(dec, prompts, config, join_at=2):

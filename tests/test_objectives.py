@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import UniformModel
+from helpers import SyncCounter, UniformModel
 
 from dlm.model import DLMConfig, DLMModel
 from dlm.noise import (
@@ -220,3 +220,64 @@ def test_radd_rejects_time_conditioning_and_bad_loss():
         RADD(DLMConfig.from_preset("debug", vocab_size=V, mask_token_id=MASK, time_conditioning=True))
     with pytest.raises(DLMError, match="lambda"):
         RADD(DLMConfig.from_preset("debug", vocab_size=V, mask_token_id=MASK), loss_type="x")
+
+
+# ---------------------------------------------------------------- no host sync in a training step
+@pytest.mark.parametrize("objective", ["mdlm", "radd", "ar", "bd3lm", "e2d2"])
+@pytest.mark.parametrize("pack", ["wrap", "sft"])
+def test_a_training_loss_reads_nothing_back_once_the_network_runs(objective, pack):
+    """The trainer hands the objectives host batches: what depends on the data (noised and scored
+    positions, their count, padding) is decided on the host before the network runs, so from the
+    network's first layer through the backward pass nothing reads a value back (on a GPU: no
+    sync in the step). Counted with the decoder's SyncCounter (host reads, boolean indexing,
+    blocking copies), from the embedding's first call to the end of backward. The loss equals
+    the one computed from device-side boolean selections (the same positions, in the same order)."""
+    from dlm.objectives import masked_nll
+
+    extra = {"block_size": 4} if objective in ("bd3lm", "e2d2") else {}
+    if objective == "e2d2":
+        extra.update(num_hidden_layers=1, num_decoder_layers=1)
+    model = tiny(objective, attention_backend="sdpa", **extra).train()
+    obj = make_objective(model.config)
+    g = torch.Generator().manual_seed(1)
+    B, L = 3, 16
+    ids = torch.randint(3, MASK, (B, L), generator=g)
+    ids[:, 0] = 0
+    am = None
+    if pack == "sft":  # prompt (2) then answer and filler (1): no padding, nothing for the network to mask
+        am = torch.ones(B, L, dtype=torch.long)
+        am[:, :5] = 2
+    noise = obj.draw_noise(B, L, g)
+    counter, started = SyncCounter(), []
+
+    def start(module, args):
+        if not started:
+            started.append(counter.__enter__())
+
+    hook = model.embed_tokens.register_forward_pre_hook(start)
+    try:
+        out = obj.loss(model, ids, am, noise)
+        out.loss.backward()
+    finally:
+        hook.remove()
+        if started:
+            counter.__exit__(None, None, None)
+    assert started and counter.calls == [], counter.calls
+    assert out.nll_rows.shape == (B,) and float(out.nll_rows.sum()) == pytest.approx(float(out.nll_sum), rel=1e-5)
+    # the same loss through boolean selections (the objectives' earlier form)
+    if objective in ("mdlm", "radd"):
+        return  # (their values are checked against loop references above)
+    with torch.no_grad():
+        scored = scored_positions(ids, am)
+        if objective == "ar":
+            nxt = torch.zeros_like(scored)
+            nxt[:, :-1] = scored[:, 1:]
+            logits = model(ids, is_causal=True).logits[nxt]
+            nll = masked_nll(logits, ids[scored], None)
+        else:
+            xt, masked, _, t_tok = obj.corrupt(ids, am, noise)
+            logits = obj.masked_logits(model, ids, xt, None, masked)
+            nll = masked_nll(logits, ids[masked], MASK) * obj.schedule.loss_weight(t_tok)[masked]
+        want = nll.sum() / scored.sum()
+    assert torch.allclose(out.loss.detach(), want, atol=1e-6, rtol=1e-5), (out.loss, want)
+

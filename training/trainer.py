@@ -314,9 +314,10 @@ class Trainer:
         for a in range(acc):
             lo = a * W * mb + self.dist.rank * mb
             batch = run.train_ds[rows[lo : lo + mb].tolist()]
-            ids = batch["input_ids"].to(device)
-            am = effective_mask(batch["attention_mask"].to(device))
-            out = run.objective.loss(engine, ids, am, {k: v[lo : lo + mb] for k, v in noise.items()})
+            # host tensors: the objective decides on the host what the step needs (which positions
+            # are noised and scored, padding) and copies it over without waiting (dlm/objectives.py)
+            am = effective_mask(batch["attention_mask"])
+            out = run.objective.loss(engine, batch["input_ids"], am, {k: v[lo : lo + mb] for k, v in noise.items()})
             engine.backward(out.loss)
             if want_grad_norm and a == acc - 1 and run.zero_stage == 0:
                 grad_norm = _grad_norm(engine.module)
@@ -347,11 +348,9 @@ class Trainer:
             for a in range(accum):
                 k0 = self.dist.rank * mb * accum + a * mb
                 rows = [(b * G + k0 + j) % len(val_ds) for j in range(mb)]
-                batch = val_ds[rows]
-                ids = batch["input_ids"].to(self.dist.device)
-                am = batch["attention_mask"].to(self.dist.device)
+                batch = val_ds[rows]  # host tensors, as in train_step
                 noise = {k: v[k0 : k0 + mb] for k, v in noise_all.items()}
-                out = objective.loss(engine, ids, effective_mask(am), noise)
+                out = objective.loss(engine, batch["input_ids"], effective_mask(batch["attention_mask"]), noise)
                 total[0] += out.nll_sum.to(total)
                 total[1] += out.n_tokens.to(total)
         D.all_reduce_sum(total)
