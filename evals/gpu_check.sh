@@ -33,7 +33,7 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
     | tee -a "$OUT/gpu.txt"
 
 if python -c "import pytest" 2>/dev/null; then
-    timeout 120 python -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py > "$OUT/cuda_tests.txt" 2>&1
+    timeout 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py > "$OUT/cuda_tests.txt" 2>&1
     echo "cuda tests: exit $?" | tee -a "$OUT/cuda_tests.txt"
 else
     echo "pytest is not installed on this machine: the CUDA tests did not run" | tee "$OUT/cuda_tests.txt"
