@@ -9,8 +9,8 @@ replicated logits after each layer's all-reduce, so the same choices).
     embeddings, norms, adaLN replicated
 
 `dlm generate / bench decode / serve --tensor-parallel N` start N ranks (`launch`): NCCL on GPUs,
-one device each; gloo on CPU. Each rank loads the checkpoint and keeps its shard
-(`shard_model`).
+one device each; gloo on CPU. Each rank loads the checkpoint on the host and moves only its shard
+to its device (`place`, `shard_model`).
 """
 
 from __future__ import annotations
@@ -90,9 +90,14 @@ def init_rank(tp: int, device: Optional[str] = None, first_gpu: int = 0):
     return dev, _MESH
 
 
-def maybe_shard(model):
-    """Shard `model` over this rank's mesh when running under `launch` (else unchanged)."""
-    return model if _MESH is None or _MESH.size() == 1 else shard_model(model, _MESH)
+def place(model, device):
+    """`model` on `device`, in eval mode; under `launch`, this rank's shard of it. Give it the model
+    as loaded on the host: each split layer's weights then go to the device already split (the
+    DTensor placement moves one full weight at a time to the device and keeps this rank's part),
+    the replicated rest after, so a model larger than one GPU never has to fit on one."""
+    if _MESH is not None and _MESH.size() > 1:
+        model = shard_model(model, _MESH)
+    return model.to(device).eval()
 
 
 def is_main() -> bool:

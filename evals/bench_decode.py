@@ -180,10 +180,10 @@ def main(args) -> dict:
     if not args.model:
         raise DLMError("give a model directory, or --random-init SHAPE for a published model's shape")
     torch.manual_seed(0)
-    from dlm.parallel import is_main, maybe_shard
+    from dlm.parallel import is_main, place
 
     device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = maybe_shard(load_model(args.model, device=device))  # --tensor-parallel: this rank's part
+    model = place(load_model(args.model), device)  # --tensor-parallel: this rank's part
     if getattr(args, "compile", False):
         from dlm.runtime import compile_model
 

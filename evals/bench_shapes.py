@@ -127,12 +127,12 @@ def main(args) -> dict:
     console = Console(stderr=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(args.dtype) or torch.float32
-    from dlm.parallel import is_main, maybe_shard
+    from dlm.parallel import is_main, place
 
     t = time.perf_counter()
     model = random_model(args.random_init, args.layers, dtype=dtype, device=device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = maybe_shard(model)  # --tensor-parallel: this rank's part
+    model = place(model, device)  # --tensor-parallel: this rank's part
     if getattr(args, "compile", False):
         from dlm.runtime import compile_model
 

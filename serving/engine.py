@@ -182,12 +182,12 @@ def build_core(spec: EngineSpec, sink=deliver_to_loops, model=None, tokenizer=No
 
     from dlm.families import family_of
     from dlm.loading import load_model
-    from dlm.parallel import maybe_shard
+    from dlm.parallel import place
     from dlm.tokenizer import check_tokenizer_for_model
 
     if model is None:
         dev = torch.device(device or spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = maybe_shard(load_model(spec.model_dir).to(dev).eval())
+        model = place(load_model(spec.model_dir), dev)  # --tensor-parallel: this rank's part
         if spec.compile:
             from dlm.runtime import compile_model
 

@@ -50,13 +50,13 @@ def _build(case: str, path):
 def _run_all(cases: dict, tp: int) -> dict:
     """Each case's logits on one input and its tokens per cache mode (greedy, and one sampled
     run), with the model sharded over `tp` ranks (run inside the ranks) or whole (tp 1)."""
-    from dlm.parallel import init_rank, maybe_shard
+    from dlm.parallel import init_rank, place
 
     if tp > 1:
         init_rank(tp, "cpu")
     out = {}
     for case, path in cases.items():
-        model = maybe_shard(_build(case, path))
+        model = place(_build(case, path), "cpu")
         assert getattr(model, "tensor_parallel", 1) == tp
         if tp > 1:  # each rank holds its share of the heads, the MLP width and the vocabulary
             c, attn, mlp = model.config, model.layers[0].self_attn, model.layers[0].mlp
@@ -115,3 +115,21 @@ def test_generate_on_two_ranks_prints_the_single_process_output(published):
                         "--prompt", "ab", "--max-new-tokens", "4"], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 2 and "divisible by 3" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_place_shards_the_host_model_before_moving_it(monkeypatch):
+    """Under tensor parallelism `place` splits the model while it is still where it was loaded
+    (the host) and only then moves it: each rank's device receives its shard, never the whole
+    model. Without ranks it only moves the model."""
+    import dlm.parallel as P
+
+    events = []
+    model = torch.nn.Linear(2, 2)
+    real_to = model.to
+    monkeypatch.setattr(model, "to", lambda *a, **k: (events.append("to"), real_to(*a, **k))[1])
+    monkeypatch.setattr(P, "shard_model", lambda m, mesh: (events.append(("shard", next(m.parameters()).device.type)), m)[1])
+    assert P.place(model, "cpu") is model and events == ["to"]
+    events.clear()
+    monkeypatch.setattr(P, "_MESH", type("Mesh", (), {"size": lambda self: 2})())
+    P.place(model, "cpu")
+    assert events == [("shard", "cpu"), "to"]

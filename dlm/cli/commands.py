@@ -60,11 +60,11 @@ def _model_and_tokenizer(args):
     from dlm.loading import load_model
     from dlm.tokenizer import check_tokenizer_for_model
 
-    from dlm.parallel import maybe_shard
+    from dlm.parallel import place
 
     from dlm.runtime import compile_model
 
-    model = maybe_shard(load_model(args.model).to(_device(args.device)).eval())  # --tensor-parallel: this rank's part
+    model = place(load_model(args.model), _device(args.device))  # --tensor-parallel: this rank's part
     if getattr(args, "compile", False):
         model = compile_model(model)
     # the tokenizer beside the model or --tokenizer (a published family's taken as it is)
