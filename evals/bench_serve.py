@@ -3,8 +3,9 @@ is available) at several concurrency levels, on loopback, bounded in requests an
 
 For each level: streaming completion requests with prompts from the checkable tasks (test
 split), `concurrency` clients at once; reports aggregate generated tokens/s (up to EOS, from the
-usage the server returns), requests/s, time to first token and latency percentiles. Ratios are
-measured in one run. Results as a table and JSON.
+usage the server returns), requests/s, time to first token and latency percentiles, and for dlm
+serve the tokens a request commits per network call and the mean batch of a step (from its
+/metrics). Ratios are measured in one run. Results as a table and JSON.
 
     dlm bench serve runs/reference/mdlm/model --concurrency 1,4,16,64
     dlm bench serve MODEL --ar-model AR_DIR --vllm-python /opt/vllm-env/bin/python   # + vLLM baseline
@@ -112,12 +113,42 @@ def _run_levels(name: str, base: str, model: str, prompts, levels, args, extra) 
     asyncio.run(_level(base, model, prompts, 2, 4, args.max_tokens, 60, extra))
     for c in levels:
         n = max(args.requests, 2 * c)
+        before = _dlm_counters(base)
         row = asyncio.run(_level(base, model, prompts, c, n, args.max_tokens, args.time_limit, extra))
         row["server"] = name
+        row.update(_decoding_work(before, _dlm_counters(base), row["tokens"]))
         console.print(f"{name} c={c}: {row['tokens_per_s']:.1f} tok/s, {row['requests']} requests, "
                       f"p50 latency {row['latency_p50'] or 0:.2f} s, TTFT p50 {row['ttft_p50'] or 0:.2f} s")
         out.append(row)
     return out
+
+
+def _dlm_counters(base: str) -> dict:
+    """dlm serve's decoding counters from /metrics (network calls per request summed, scheduler
+    steps, summed batch sizes); {} for a server without them (vLLM)."""
+    import httpx
+
+    names = {"dlm_forward_passes_total": "nfe", "dlm_scheduler_steps": "steps", "dlm_scheduler_stepped_jobs": "stepped"}
+    try:
+        text = httpx.get(base + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in names:
+            out[names[parts[0]]] = float(parts[1])
+    return out
+
+
+def _decoding_work(before: dict, after: dict, tokens: int) -> dict:
+    """A level's decoding work from the counters' change: tokens per request-forward (how many
+    tokens a request commits per network call) and the mean batch of a scheduler step."""
+    if not before or set(before) != set(after):
+        return {}
+    d = {k: after[k] - before[k] for k in after}
+    return {"tokens_per_forward": tokens / d["nfe"] if d.get("nfe") else None,
+            "mean_batch": d["stepped"] / d["steps"] if d.get("steps") else None}
 
 
 def main(args) -> None:
@@ -182,13 +213,13 @@ def main(args) -> None:
     fixed = ", every output max_tokens long (ignore_eos)" if args.ignore_eos else ""
     table = Table(title=f"serving benchmark ({args.max_tokens} max tokens{fixed}, loopback)")
     for col in ("server", "concurrency", "requests", "tokens/s", "x c=1", "req/s", "TTFT p50", "lat p50", "lat p90",
-                "lat p99", "failed"):
+                "lat p99", "tok/fwd", "failed"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["server"], str(r["concurrency"]), str(r["requests"]), f"{r['tokens_per_s']:.1f}",
                       f"{r['x_concurrency_1']:.2f}" if r["x_concurrency_1"] else "-", f"{r['requests_per_s']:.2f}",
                       _fmt(r["ttft_p50"]), _fmt(r["latency_p50"]), _fmt(r["latency_p90"]), _fmt(r["latency_p99"]),
-                      str(r["failed"]))
+                      _fmt(r.get("tokens_per_forward")), str(r["failed"]))
     Console().print(table)
     out = {"command": "dlm bench serve " + " ".join(sys.argv[3:]), **provenance(), "model": args.model,
            "random_init": note, "max_tokens": args.max_tokens,

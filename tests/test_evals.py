@@ -161,3 +161,6 @@ def test_bench_serve_smoke(tmp_path, served_model):
     rows = json.load(open(out))["rows"]
     assert [r["concurrency"] for r in rows] == [1, 2]
     assert all(r["failed"] == 0 and r["requests"] == 4 and r["tokens_per_s"] > 0 for r in rows)
+    # the decoding work from the server's counters: at most a block's worth of tokens per forward
+    # (the served model's block size), a mean batch between 1 and the clients
+    assert all(0 < r["tokens_per_forward"] <= 32 and 1 <= r["mean_batch"] <= r["concurrency"] for r in rows), rows
