@@ -50,6 +50,7 @@ from dlm.noise import (
     mask_tokens,
     scored_positions,
 )
+from dlm.runtime import host_to_device
 
 
 @dataclass
@@ -135,8 +136,6 @@ class _Plan:
     def make(cls, model, input_ids, attention_mask, where, scored, weight=None, targets_at=None) -> "_Plan":
         """where: boolean (B, L) positions whose logits are scored; targets_at: the positions of
         their targets (default `where`); weight: (B, L) or None."""
-        from dlm.runtime import host_to_device
-
         param = next(model.parameters(), None)  # (a test's parameter-free model: the batch's device)
         dev = input_ids.device if param is None else param.device
         at = where.reshape(-1).nonzero().squeeze(1)
@@ -173,8 +172,6 @@ class MDLM(Objective):
         return mask_tokens(input_ids, masked, self.mask_id), masked, scored, t
 
     def loss(self, model, input_ids, attention_mask, noise):
-        from dlm.runtime import host_to_device
-
         xt, masked, scored, t = self.corrupt(input_ids, attention_mask, noise)
         plan = _Plan.make(model, input_ids, attention_mask, masked, scored,
                           weight=self.schedule.loss_weight(t)[:, None].expand_as(masked))
@@ -207,8 +204,6 @@ class RADD(Objective):
         }
 
     def loss(self, model, input_ids, attention_mask, noise):
-        from dlm.runtime import host_to_device
-
         scored = scored_positions(input_ids, attention_mask)
         r = noise["r"].to(input_ids.device)
         u = noise["u"].to(input_ids.device)
@@ -237,8 +232,6 @@ class AR(Objective):
     def loss(self, model, input_ids, attention_mask, noise):
         scored = scored_positions(input_ids, attention_mask)
         # Logits at position i predict token i + 1: compute them only where the target is scored.
-        from dlm.runtime import host_to_device
-
         predict_from = torch.zeros_like(scored)
         predict_from[:, :-1] = scored[:, 1:]
         plan = _Plan.make(model, input_ids, attention_mask, predict_from, scored, targets_at=scored)
@@ -277,7 +270,6 @@ class BD3LM(MDLM):
         masked = bernoulli_mask(noise["u"].to(input_ids.device), self.schedule.move_prob(t_tok), scored)
         return mask_tokens(input_ids, masked, self.mask_id), masked, scored, t_tok
 
-
     def masked_logits(self, model, x0, xt, attention_mask, masked):
         """Logits at `masked` (boolean (B, L), or row-major indices into (B * L): no host sync)
         of the noisy half of [xt ; x0] under the block mask, flattened. attention_mask: the
@@ -297,8 +289,6 @@ class BD3LM(MDLM):
                      attn_mask=mask, output_positions=out_pos).logits
 
     def loss(self, model, input_ids, attention_mask, noise):
-        from dlm.runtime import host_to_device
-
         xt, masked, scored, t_tok = self.corrupt(input_ids, attention_mask, noise)
         plan = _Plan.make(model, input_ids, attention_mask, masked, scored, weight=self.schedule.loss_weight(t_tok))
         dev = plan.at.device
