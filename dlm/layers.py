@@ -232,6 +232,11 @@ def _flex_attention():
         from torch.nn.attention.flex_attention import flex_attention
 
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        if torch.cuda.is_available():
+            from torch._dynamo import config as cfg  # decode steps: a few mask variants x dynamic lengths
+
+            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            setattr(cfg, name, max(getattr(cfg, name), 64))
         _FLEX["fn"] = torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
     return _FLEX["fn"]
 

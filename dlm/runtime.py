@@ -91,5 +91,8 @@ def host_to_device(t, device):
     if t.device == device or (device.type == t.device.type and device.index is None):
         return t
     if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
+        # a copy in pinned memory that only this transfer reads (an already pinned tensor would
+        # be read as it is, and its owner might change it before the copy runs)
+        staged = t.clone().pin_memory() if t.is_pinned() else t.pin_memory()
+        return staged.to(device, non_blocking=True)
     return t.to(device)

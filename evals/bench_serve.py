@@ -116,6 +116,8 @@ def _run_levels(name: str, base: str, model: str, prompts, levels, args, extra) 
         before = _dlm_counters(base)
         row = asyncio.run(_level(base, model, prompts, c, n, args.max_tokens, args.time_limit, extra))
         row["server"] = name
+        if before:
+            _settle(base)  # the engine counts a request's forwards as it finishes it
         row.update(_decoding_work(before, _dlm_counters(base), row["tokens"]))
         console.print(f"{name} c={c}: {row['tokens_per_s']:.1f} tok/s, {row['requests']} requests, "
                       f"p50 latency {row['latency_p50'] or 0:.2f} s, TTFT p50 {row['ttft_p50'] or 0:.2f} s")
@@ -141,12 +143,30 @@ def _dlm_counters(base: str) -> dict:
     return out
 
 
+def _settle(base: str, timeout: float = 5.0) -> None:
+    """Wait (briefly) until the server has no running or queued job."""
+    import httpx
+
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        try:
+            h = httpx.get(base + "/health", timeout=2).json()
+            if not h.get("running") and not h.get("queued"):
+                return
+        except (httpx.HTTPError, ValueError):
+            return
+        time.sleep(0.05)
+
+
 def _decoding_work(before: dict, after: dict, tokens: int) -> dict:
     """A level's decoding work from the counters' change: tokens per request-forward (how many
-    tokens a request commits per network call) and the mean batch of a scheduler step."""
+    tokens a request commits per network call) and the mean batch of a scheduler step. Nothing
+    when a counter went back (the engine restarted during the level)."""
     if not before or set(before) != set(after):
         return {}
     d = {k: after[k] - before[k] for k in after}
+    if min(d.values()) < 0:
+        return {}
     return {"tokens_per_forward": tokens / d["nfe"] if d.get("nfe") else None,
             "mean_batch": d["stepped"] / d["steps"] if d.get("steps") else None}
 

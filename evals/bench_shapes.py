@@ -93,8 +93,10 @@ def ar_baseline(model, prompts, lengths, device, dtype, repeats: int) -> list[di
     ids = torch.tensor(prompts, device=device)
     rows = []
     for length in lengths:
+        # eager (disable_compile): generate would compile the model for its static cache, once per
+        # cache length, which does not fit the GPU check's time budget
         kw = dict(max_new_tokens=length, min_new_tokens=length, do_sample=False, cache_implementation="static",
-                  pad_token_id=0)
+                  pad_token_id=0, disable_compile=True)
         with torch.no_grad():
             ar.generate(ids, **{**kw, "max_new_tokens": min(length, 16), "min_new_tokens": min(length, 16)})
             walls = []
@@ -127,10 +129,12 @@ def main(args) -> dict:
     console = Console(stderr=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(args.dtype) or torch.float32
-    from dlm.parallel import is_main, place
+    from dlm.parallel import is_main, place, rank
 
     t = time.perf_counter()
-    model = random_model(args.random_init, args.layers, dtype=dtype, device=device)
+    # under --tensor-parallel the model is built on the host and each rank's device gets its
+    # shard only (slower to initialise, but never the whole model on one device)
+    model = random_model(args.random_init, args.layers, dtype=dtype, device="cpu" if rank() is not None else device)
     n_params = sum(p.numel() for p in model.parameters())
     model = place(model, device)  # --tensor-parallel: this rank's part
     if getattr(args, "compile", False):

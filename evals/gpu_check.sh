@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issues 17 and 18), one call on one GPU, under 8 minutes on an H100 /
-# H200, everything under $OUT:
+# The prepared GPU check (issues 17 and 18), one call on one GPU, everything under $OUT; its
+# time limits add up to 450 s (7.5 minutes, plus a few seconds of setup):
 #
 #   gpu.txt                 the card (nvidia-smi)
 #   cuda_tests.txt          the test suite's CUDA-marked tests (tests/test_cuda.py: CPU tokens in
@@ -27,25 +27,26 @@ mkdir -p "$OUT"
 PKG=$(mktemp -d)
 cp -r dlm "$PKG/dlm"
 for d in training serving evals; do cp -r "$d" "$PKG/dlm/$d"; done
-export PYTHONPATH="$PKG" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# PYTHONSAFEPATH: the working directory (this checkout, whose dlm/ has no evals/) must not hide $PKG
+export PYTHONPATH="$PKG" PYTHONSAFEPATH=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/gpu.txt"
 
 if python -c "import pytest" 2>/dev/null; then
-    timeout 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py > "$OUT/cuda_tests.txt" 2>&1
+    timeout 130 python -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py > "$OUT/cuda_tests.txt" 2>&1
     echo "cuda tests: exit $?" | tee -a "$OUT/cuda_tests.txt"
 else
     echo "pytest is not installed on this machine: the CUDA tests did not run" | tee "$OUT/cuda_tests.txt"
 fi
 
-timeout 200 python -m dlm.cli bench decode --random-init llada-8b --dtype bfloat16 --device cuda \
+timeout 170 python -m dlm.cli bench decode --random-init llada-8b --dtype bfloat16 --device cuda \
     --lengths 256,1024 --batch-size 1 --repeats 2 --tokens-per-step 4 --block-length 32 --ar-baseline \
     --out "$OUT/llada8b_bf16.json" 2>&1 | tee "$OUT/llada8b_bf16.log"
-timeout 80 python -m dlm.cli bench decode --random-init sdar-4b --dtype bfloat16 --device cuda \
+timeout 70 python -m dlm.cli bench decode --random-init sdar-4b --dtype bfloat16 --device cuda \
     --lengths 256,1024 --batch-size 1 --repeats 2 --tokens-per-step 4 \
     --out "$OUT/sdar4b_bf16.json" 2>&1 | tee "$OUT/sdar4b_bf16.log"
-timeout 90 python -m dlm.cli bench decode --random-init sdar-4b --dtype bfloat16 --device cuda \
+timeout 80 python -m dlm.cli bench decode --random-init sdar-4b --dtype bfloat16 --device cuda \
     --lengths 256 --batch-size 1 --repeats 2 --tokens-per-step 4 --configs "exact cache" --compile \
     --out "$OUT/sdar4b_bf16_graphs.json" 2>&1 | tee "$OUT/sdar4b_bf16_graphs.log"
 

@@ -37,12 +37,12 @@ def test_cuda_float32_decodes_the_cpu_tokens(objective, block, caches):
 
 @pytest.mark.parametrize("objective,block", [("mdlm", None), ("bd3lm", 4)])
 def test_cuda_flex_decoding_gives_the_cpu_tokens(objective, block):
-    """attention_backend auto on CUDA: the cached steps' masks go to compiled FlexAttention as
-    block masks; float32 tokens equal the CPU's (SDPA, dense masks) for every cache mode."""
+    """attention_backend flex on CUDA: the steps' masks go to compiled FlexAttention as block
+    masks; float32 tokens equal the CPU's (SDPA, dense masks) for every cache mode."""
     torch.backends.cuda.matmul.allow_tf32 = False
     cpu = real_model(objective, block=block)
     gpu = real_model(objective, block=block).to("cuda")
-    gpu.config.attention_backend = "auto"
+    gpu.config.attention_backend = "flex"
     assert Decoder(gpu).flex
     for cache in Decoder(cpu).family.caches:
         cfg = DecodeConfig(max_new_tokens=16, unmask="threshold", threshold=0.3, cache=cache, temperature=0.0,

@@ -116,8 +116,8 @@ def test_approximate_caches_decode_batches_like_single_prompts(cache):
 
 @pytest.mark.parametrize("objective,block", [("mdlm", None), ("bd3lm", 4), ("e2d2", 4)])
 def test_flex_attention_masks_decode_the_sdpa_tokens(objective, block, monkeypatch):
-    """attention_backend flex (the default on CUDA): every cache mode's step masks go to the
-    model as FlexAttention block masks (checked: Flex ran, on each step with a mask), and the
+    """attention_backend flex: every cache mode's step masks go to the model as FlexAttention
+    block masks (checked: Flex ran, on each step with a mask), and the
     tokens equal SDPA's under the dense masks. Prompts of different lengths, so the batched steps
     carry padding masks."""
     import dlm.layers as layers
@@ -139,6 +139,8 @@ def test_flex_attention_masks_decode_the_sdpa_tokens(objective, block, monkeypat
     flex = real_model(objective, block=block, seed=3)
     flex.config.attention_backend = "flex"
     assert Decoder(flex).flex and not Decoder(sdpa).flex
+    sdpa.config.attention_backend = "auto"  # (SDPA in decode steps until Flex is measured on a GPU)
+    assert not Decoder(sdpa).flex
     for cache in Decoder(sdpa).family.caches:
         cfg = DecodeConfig(max_new_tokens=12, unmask="threshold", threshold=0.3, cache=cache, stop_at_eos=False,
                            **({} if block else {"block_length": 4}))

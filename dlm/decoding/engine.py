@@ -60,11 +60,12 @@ class Decoder:
         # the exact cache's block steps in bucketed shapes (a model compiled for CUDA graphs, see
         # dlm.runtime.compile_model, asks for them); the same tokens either way
         self.static_shapes = bool(getattr(model, "static_shapes", False)) if static_shapes is None else static_shapes
-        # the cached steps' attention masks as FlexAttention block masks where the model's backend
-        # takes Flex (auto: on CUDA, see dlm/blocks.py; Flex then skips the padding tiles of a
-        # batch's shorter caches), dense for SDPA otherwise and in bucketed shapes (CUDA graphs)
+        # the steps' attention masks as FlexAttention block masks when the model asks for Flex
+        # (attention_backend "flex"; it then skips the padding tiles of a batch's shorter caches),
+        # dense for SDPA otherwise: "auto" too (Flex in decode steps gives SDPA's tokens, tested,
+        # but its speed has not been measured on a GPU) and in bucketed shapes (CUDA graphs)
         with torch.no_grad():
-            self.flex = (use_flex(getattr(self.cfg, "attention_backend", "auto"), self.device)
+            self.flex = (getattr(self.cfg, "attention_backend", "auto") == "flex" and use_flex("flex", self.device)
                          and not self.static_shapes)
         # a failed batched forward is retried request by request, so only the failing one fails;
         # off when ranks must make the same calls (serving/lockstep.py): the failure is raised
