@@ -8,6 +8,7 @@ restarted engine that answers as before, a clear error when it cannot load.
 import json
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -131,6 +132,8 @@ def test_a_dead_engine_fails_its_requests_with_503_and_comes_back(model_dir):  #
         body = {"prompt": "the cat", "max_tokens": 8, "temperature": 1.0, "seed": 4}
         before = httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         pid = engine.pid
+        gate, relaunch = threading.Event(), engine._relaunch  # hold the restart until /health is checked
+        engine._relaunch = lambda: (gate.wait(60), relaunch())
         long = {"prompt": "the", "max_tokens": 120, "ignore_eos": True}
         with ThreadPoolExecutor(2) as ex:
             futs = [ex.submit(httpx.post, s.url + "/v1/completions", json=long, timeout=60) for _ in range(2)]
@@ -144,11 +147,11 @@ def test_a_dead_engine_fails_its_requests_with_503_and_comes_back(model_dir):  #
                 assert r.status_code == 503, r.text
                 err = r.json()["error"]
                 assert err["code"] == "engine_unavailable" and "retry" in err["message"]
-        h = httpx.get(s.url + "/health")
-        if h.status_code == 503:  # the new engine is still loading
-            assert h.json()["status"] == "unhealthy"
-            r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
-            assert r.status_code == 503 and r.headers["retry-after"]
+        h = httpx.get(s.url + "/health")  # no engine until the gate opens
+        assert h.status_code == 503 and h.json()["status"] == "unhealthy", h.text
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 503 and r.headers["retry-after"]
+        gate.set()
         deadline = time.time() + 120
         while httpx.get(s.url + "/health").status_code != 200:
             assert time.time() < deadline, "the engine did not come back"
