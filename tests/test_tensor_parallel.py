@@ -2,7 +2,8 @@
 the single process's logits, and decoding gives its tokens for every cache mode of every kind
 of model: MDLM, BD3-LM and E2D2 (dlm's own), and the published formats LLaDA (Llama-like),
 SDAR (GQA + QK-norm, block-causal, exact cache) and the OpenWebText DiT (LayerNorm, biases,
-adaLN). `dlm generate --tensor-parallel 2` prints what one process prints; a model whose heads
+adaLN). `dlm generate --tensor-parallel 2` prints what one process prints and `dlm bench decode
+--tensor-parallel 2` measures the same decoding work; a model whose heads
 do not split is a clear error.
 
     python -m pytest tests/test_tensor_parallel.py -q
@@ -133,3 +134,23 @@ def test_place_shards_the_host_model_before_moving_it(monkeypatch):
     monkeypatch.setattr(P, "_MESH", type("Mesh", (), {"size": lambda self: 2})())
     P.place(model, "cpu")
     assert events == [("shard", "cpu"), "to"]
+
+
+def test_bench_decode_on_two_ranks_measures_what_one_process_does(published, tmp_path):
+    """`dlm bench decode --tensor-parallel 2` runs the benchmark on 2 ranks (recorded in its
+    JSON) with the single process's decoding work: the same generated tokens, forwards and
+    accuracy per configuration (timings aside)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = []
+    for tp in ("1", "2"):
+        out = tmp_path / f"tp{tp}.json"
+        r = subprocess.run([sys.executable, "-m", "dlm.cli", "bench", "decode", published["sdar"], "--tensor-parallel",
+                            tp, "--lengths", "8", "--n-prompts", "2", "--batch-size", "2", "--configs",
+                            "threshold+exact,vanilla", "--out", str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(json.loads(out.read_text()))
+    assert [d["tensor_parallel"] for d in runs] == [1, 2]
+    work = [[{k: v for k, v in row.items() if k in ("config", "generated_tokens", "nfe", "accuracy")}
+             for row in d["results"]] for d in runs]
+    assert len(work[0]) == 2 and work[0] == work[1]
