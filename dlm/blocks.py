@@ -150,7 +150,6 @@ def block_causal_flex_mask(seq_len: int, block_size: int, device: torch.device =
     return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=str(device))
 
 
-
 def dense_as_flex_mask(mask: torch.Tensor, q_len: int):
     """A dense boolean mask, (Lq, Lk) or (B, 1, Lq | 1, Lk) (a key-padding mask broadcast over the
     queries), as a FlexAttention BlockMask of the same pattern for `q_len` queries: the

@@ -233,10 +233,9 @@ def _flex_attention():
 
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         if torch.cuda.is_available():
-            from torch._dynamo import config as cfg  # decode steps: a few mask variants x dynamic lengths
+            from dlm.runtime import raise_recompile_limit
 
-            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-            setattr(cfg, name, max(getattr(cfg, name), 64))
+            raise_recompile_limit(64)  # decode steps: a few mask variants x dynamic lengths
         _FLEX["fn"] = torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
     return _FLEX["fn"]
 

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from dlm.families import family_of
-from dlm.noise import effective_mask, schedule_for
+from dlm.noise import effective_mask, padding_mask, schedule_for
 from dlm.objectives import make_objective
 
 
@@ -113,10 +113,10 @@ def layout(model, ctx: list[int], cont: list[int]):
 def denoiser_logits(model, objective, x0, xt, am, out_pos):
     """Logits at out_pos (N, V) of the denoiser given clean x0 and noisy xt (block models read
     x0 for the clean earlier blocks)."""
+    a = padding_mask(am)
+    a = None if a is None else a.expand_as(x0)
     if family_of(model.config).block_causal:
-        a = None if bool(am.all()) else am.expand_as(x0)
         return objective.masked_logits(model, x0, xt, a, out_pos)
-    a = None if bool(am.all()) else am.expand_as(xt)
     return model(xt, attention_mask=a, output_positions=out_pos).logits
 
 

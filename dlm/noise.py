@@ -116,3 +116,11 @@ def effective_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Ten
     if attention_mask is None or bool((attention_mask == 1).all()):
         return None
     return attention_mask
+
+
+def padding_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The mask when some key is padding (0), else None: what the network needs to hide (a given
+    prompt, 2, is attended like any token). Read where the mask lives: free on the host."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask

@@ -48,6 +48,7 @@ from dlm.noise import (
     exact_k_mask,
     low_discrepancy_times,
     mask_tokens,
+    padding_mask,
     scored_positions,
 )
 from dlm.runtime import host_to_device
@@ -140,11 +141,10 @@ class _Plan:
         dev = input_ids.device if param is None else param.device
         at = where.reshape(-1).nonzero().squeeze(1)
         tgt = (where if targets_at is None else targets_at).reshape(-1)
-        pad = attention_mask is not None and not bool(attention_mask.all())
         put = lambda t: None if t is None else host_to_device(t, dev)  # noqa: E731
         return cls(at=put(at), rows=put(at // where.shape[1]), targets=put(input_ids.reshape(-1)[tgt]),
                    weight=put(None if weight is None else weight.reshape(-1)[at]),
-                   n_tokens=put(scored.sum()), padding=put(attention_mask if pad else None), batch=where.shape[0])
+                   n_tokens=put(scored.sum()), padding=put(padding_mask(attention_mask)), batch=where.shape[0])
 
 
 class MDLM(Objective):

@@ -62,14 +62,19 @@ def compile_model(model, graphs: Optional[bool] = None):
     if graphs is None:
         graphs = next(model.parameters()).device.type == "cuda"
     if graphs:
-        import torch._dynamo
-
-        cfg = torch._dynamo.config
-        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-        setattr(cfg, name, max(getattr(cfg, name), 256))  # one graph per bucket
+        raise_recompile_limit(256)  # one graph per bucket
         model.graph_forward = torch.compile(eager, mode="reduce-overhead", dynamic=False)
         model.static_shapes = True
     return model
+
+
+def raise_recompile_limit(n: int) -> None:
+    """Let torch.compile keep at least `n` graphs per function (bucketed shapes, mask variants)
+    before it falls back to eager."""
+    from torch._dynamo import config as cfg
+
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), n))
 
 
 def to_device(values, device, dtype=None):
